@@ -1,0 +1,103 @@
+"""
+Co-Evolving Policy Distillation (the paper's Algorithm 1, Eq. 7-8).
+
+K branches π^(0..K−1), all copies of π_0; branch k owns domain d_k. For N cycles:
+  Phase I  (S_RL steps):  every branch does GRPO on its own domain (Eq. 7).
+  Phase II (S_OPD steps): every branch k builds ONE batch from
+              (a) a native GRPO batch on D_{d_k} (RLVR does not pause), and
+              (b) for each neighbour j, its own rollouts on prompts of D_{d_j} with the
+                  cross-branch token advantage  Â_t = β·(log π^(j)(y_t|·) − log π^(k)(y_t|·))  (Eq. 8),
+           and takes one update. The teacher is branch j's weights at the start of the step:
+           every batch of the step is built before any branch moves, so every branch is
+           student and teacher in every step (bidirectional).
+Finally the all-in-one model is the uniform average of the branches' parameters.
+
+Neighbours: two branches teach each other; three or more are hub-and-spoke around the text
+branch (the paper), or all pairs.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from opd import OPDConfig, opd_batch
+from rlvr import RLConfig, grpo_batch, update
+
+
+@dataclass
+class CoPDConfig:
+    cycles: int = 4                    # N
+    rl_steps: int = 15                 # S_RL
+    opd_steps: int = 10                # S_OPD   (the paper's best S_RL : S_OPD = 1.5 : 1)
+    topology: str = "hub"              # "hub" (hub-and-spoke, the paper) | "all-pairs"
+    hub: str = "text"
+
+
+def budget_schedule(total_steps: int, cycles: int, ratio: float = 1.5):
+    """(S_RL, S_OPD) with N·(S_RL + S_OPD) = total_steps and S_RL : S_OPD ≈ ratio : 1."""
+    per_cycle = max(2, round(total_steps / cycles))
+    opd_steps = max(1, round(per_cycle / (1 + ratio)))
+    return per_cycle - opd_steps, opd_steps
+
+
+def neighbours(domains: list, topology: str = "hub", hub: str = "text") -> dict:
+    """Who teaches whom: {student domain: [teacher domains]}; never a branch itself."""
+    if len(domains) < 2:
+        raise ValueError("CoPD needs at least two experts (e.g. --experts text,image)")
+    if topology == "all-pairs" or len(domains) == 2:
+        return {d: [e for e in domains if e != d] for d in domains}
+    if topology != "hub":
+        raise ValueError(f"unknown topology '{topology}' (hub or all-pairs)")
+    centre = hub if hub in domains else domains[0]
+    return {d: ([e for e in domains if e != centre] if d == centre else [centre]) for d in domains}
+
+
+def schedule(cfg: CoPDConfig) -> list:
+    """Every step of every cycle as (cycle, phase, step_in_phase); the loop walks this list."""
+    return [(c, phase, s) for c in range(cfg.cycles)
+            for phase, n in (("rl", cfg.rl_steps), ("opd", cfg.opd_steps)) for s in range(n)]
+
+
+def describe(cfg: CoPDConfig, domains: list) -> str:
+    links = neighbours(domains, cfg.topology, cfg.hub)
+    steps = cfg.cycles * (cfg.rl_steps + cfg.opd_steps)
+    lines = [f"CoPD schedule: {len(domains)} branches, {cfg.cycles} cycles x "
+             f"(Phase I {cfg.rl_steps} RLVR steps + Phase II {cfg.opd_steps} RLVR+OPD steps) "
+             f"= {steps} updates per branch"]
+    lines += [f"  branch {d}: learns from {', '.join(links[d])}" for d in domains]
+    return "\n".join(lines)
+
+
+def merge_average(models: list):
+    """θ = 1/K Σ_k θ^(k): a new model, the branches untouched."""
+    merged = copy.deepcopy(models[0])
+    with torch.no_grad():
+        for name, param in merged.named_parameters():
+            stacked = torch.stack([dict(m.named_parameters())[name].float() for m in models])
+            param.copy_(stacked.mean(0).to(param.dtype))
+    return merged
+
+
+def copd_step(branches: dict, optimizers: dict, proc, batches_for, phase: str,
+              links: dict, rl: RLConfig, opd: OPDConfig) -> dict:
+    """One step of every branch. `batches_for(domain, n)` gives n training prompts of a domain.
+    Phase II builds every branch's batches first, so each teacher is as it was at step start."""
+    stats, plans = {}, {}
+    for d, model in branches.items():
+        native, s = grpo_batch(model, proc, batches_for(d, rl.prompts_per_step), rl)
+        stats[d] = s
+        plans[d] = [native]
+        if phase == "opd":
+            for j in links[d]:
+                batch, o = opd_batch(model, {j: branches[j]}, proc, batches_for(j, opd.prompts_per_step), rl, opd)
+                plans[d].append(batch)
+                stats[d][f"opd_from_{j}"] = o
+    for d, model in branches.items():
+        stats[d].update(update(model, optimizers[d], proc, plans[d], rl))
+    for d in branches:  # the overlap metrics fill in during backward
+        for j in links[d]:
+            if f"opd_from_{j}" in stats[d]:
+                o = stats[d].pop(f"opd_from_{j}")
+                stats[d].update({f"{k}_from_{j}": v for k, v in o.items()})
+    return stats

@@ -1,0 +1,157 @@
+"""
+On-policy distillation (the paper's Eq. 1/4): the student π_θ samples, the teacher π_T grades
+every token the student sampled with one teacher-forced pass (no grad).
+
+  δ_t = log π_T(y_t | x, y_<t) − log π_θ(y_t | x, y_<t)        one-sample estimate of −KL(π_θ‖π_T)
+  Â_t = β·δ_t                                                  into the clipped surrogate of rlvr.py
+
+`--opd-loss sampled` (default, the paper's algorithm) uses Â_t; `full` minimises the exact
+reverse KL over the vocabulary at every student position, `topk` the same sum over the
+student's top-k tokens only (ablations). Each prompt is routed to its own domain's teacher,
+which makes multi-teacher OPD (MOPD) and CoPD's cross-branch OPD the same function.
+
+Also here: the behavioural distance between two policies on the student's own rollouts, the
+paper's top-k overlap (Eq. 6) and a symmetric KL (the paper names it, never defines it; ours
+is KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over positions).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from policy import encode_prompt
+from rlvr import PGBatch, RLConfig, surrogate_loss
+from rollout import generate, response_logits, sampling_logprobs, token_logprobs
+
+
+@dataclass
+class OPDConfig:
+    beta: float = 1.0                  # β (the paper names β_k, gives no value: our default)
+    loss: str = "sampled"              # "sampled" | "full" | "topk"
+    loss_topk: int = 10                # k for the `topk` loss
+    overlap_k: int = 10                # k of the top-k overlap metric (the paper's k = 10)
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 4        # no groups needed: advantages are per token
+    metric_rows: int = 32              # rows whose full teacher distribution is kept for metrics
+
+
+# -----------------------------------------------------------------------------
+# the equations
+
+def opd_advantages(student_logp, teacher_logp, beta: float = 1.0):
+    """Â_t = β·δ_t = β·(log π_T(y_t|x,y_<t) − log π_θ(y_t|x,y_<t)), a constant (detached)."""
+    return (beta * (teacher_logp - student_logp)).detach()
+
+
+def reverse_kl_full(student_logp_all, teacher_logp_all):
+    """KL(π_θ‖π_T)(s_t) = Σ_v π_θ(v|s_t) (log π_θ(v|s_t) − log π_T(v|s_t)) per position."""
+    p = student_logp_all.exp()
+    diff = student_logp_all - teacher_logp_all.detach()
+    return (p * diff.masked_fill(p == 0, 0.0)).sum(-1)
+
+
+def reverse_kl_topk(student_logp_all, teacher_logp_all, k: int = 10):
+    """The reverse-KL sum restricted to the student's top-k tokens V_k(s_t):
+    Σ_{v∈V_k} π_θ(v|s_t) (log π_θ(v|s_t) − log π_T(v|s_t))."""
+    top = student_logp_all.topk(k, dim=-1).indices
+    s = student_logp_all.gather(-1, top)
+    t = teacher_logp_all.detach().gather(-1, top).clamp(min=-1e4)   # a masked teacher id is a large gap
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def topk_overlap(p_logp_all, q_logp_all, k: int = 10):
+    """O_k(s) = |Top_k(p(·|s)) ∩ Top_k(q(·|s))| / k per position (Eq. 6)."""
+    a = p_logp_all.topk(k, dim=-1).indices
+    b = q_logp_all.topk(k, dim=-1).indices
+    return (a[..., :, None] == b[..., None, :]).any(-1).float().mean(-1)
+
+
+def symmetric_kl(p_logp_all, q_logp_all):
+    """KL(p‖q) + KL(q‖p) = Σ_v (p(v) − q(v)) (log p(v) − log q(v)) per position."""
+    p, q = p_logp_all.exp(), q_logp_all.exp()
+    diff = (p_logp_all - q_logp_all).masked_fill((p == 0) & (q == 0), 0.0)
+    return ((p - q) * diff.clamp(-1e4, 1e4)).sum(-1)
+
+
+# -----------------------------------------------------------------------------
+# scoring and one OPD batch
+
+@torch.no_grad()
+def teacher_logprobs(teachers: dict, proc, rollout, domains: list, rl: RLConfig, keep_rows: int):
+    """Each row scored by its own domain's teacher: token log-probs (N, T) and the full
+    distribution of the first `keep_rows` rows (for the full/topk losses and the metrics)."""
+    N, T = rollout.response.shape
+    token_lp = torch.zeros(N, T)
+    full = {}
+    for domain, teacher in teachers.items():
+        rows = [i for i in range(N) if domains[i] == domain]
+        for start in range(0, len(rows), rl.micro_batch):
+            chunk = rows[start:start + rl.micro_batch]
+            logits = response_logits(teacher, proc, [rollout.prompts[i] for i in chunk], rollout.response[chunk])
+            logp_all = sampling_logprobs(logits, rl.sampling, proc)
+            token_lp[chunk] = token_logprobs(logp_all, rollout.response[chunk])
+            for j, i in enumerate(chunk):
+                if i < keep_rows:
+                    full[i] = logp_all[j]
+    return token_lp * rollout.mask, full
+
+
+def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
+    """Student rollouts on `examples`, each graded by teachers[example.domain]. Returns
+    (PGBatch, stats) where stats gains top-k overlap and symmetric KL once the batch's
+    backward has run (they need the student's distribution, taken from that same forward)."""
+    missing = {ex.domain for ex in examples} - set(teachers)
+    if missing:
+        raise ValueError(f"no teacher for domain(s) {sorted(missing)}")
+    prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
+    n = cfg.samples_per_prompt
+    rollout = generate(student, proc, prompts, n, rl.sampling)
+    domains = [ex.domain for ex in examples for _ in range(n)]
+    keep = rollout.mask.shape[0] if cfg.loss != "sampled" else cfg.metric_rows
+    teacher_lp, teacher_full = teacher_logprobs(teachers, proc, rollout, domains, rl, keep)
+    delta = (teacher_lp - rollout.logprobs) * rollout.mask
+    stats = {"opd_delta": float(delta.sum() / rollout.mask.sum()),   # ≈ −KL(π_θ‖π_T) per token
+             "opd_tokens": int(rollout.mask.sum())}
+    metric_sums = {"overlap": 0.0, "sym_kl": 0.0, "n": 0.0}
+
+    def record_metrics(logp_all, rows):
+        idx = [i for i in range(rows.start, rows.stop) if i in teacher_full]
+        if not idx:
+            return
+        s = logp_all[[i - rows.start for i in idx]].detach()
+        t = torch.stack([teacher_full[i] for i in idx])
+        m = rollout.mask[idx]
+        metric_sums["overlap"] += float((topk_overlap(s, t, cfg.overlap_k) * m).sum())
+        metric_sums["sym_kl"] += float((symmetric_kl(s, t) * m).sum())
+        metric_sums["n"] += float(m.sum())
+        stats["overlap"] = metric_sums["overlap"] / metric_sums["n"]
+        stats["sym_kl"] = metric_sums["sym_kl"] / metric_sums["n"]
+
+    if cfg.loss == "sampled":
+        surrogate = surrogate_loss(rollout, opd_advantages(rollout.logprobs, teacher_lp, cfg.beta), rl)
+
+        def token_loss(logp_all, rows):
+            record_metrics(logp_all, rows)
+            return surrogate(logp_all, rows)
+    elif cfg.loss in ("full", "topk"):
+        def token_loss(logp_all, rows):
+            record_metrics(logp_all, rows)
+            t = torch.stack([teacher_full[i] for i in range(rows.start, rows.stop)])
+            if cfg.loss == "full":
+                return cfg.beta * reverse_kl_full(logp_all, t)
+            return cfg.beta * reverse_kl_topk(logp_all, t, cfg.loss_topk)
+    else:
+        raise ValueError(f"unknown OPD loss '{cfg.loss}' (sampled, full or topk)")
+    return PGBatch(rollout, token_loss), stats
+
+
+@torch.no_grad()
+def divergence(student, teacher, proc, examples: list, rl: RLConfig, k: int = 10, samples: int = 2):
+    """Top-k overlap and symmetric KL of two policies over the student's own rollouts."""
+    prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
+    rollout = generate(student, proc, prompts, samples, rl.sampling)
+    s = sampling_logprobs(response_logits(student, proc, rollout.prompts, rollout.response), rl.sampling, proc)
+    t = sampling_logprobs(response_logits(teacher, proc, rollout.prompts, rollout.response), rl.sampling, proc)
+    m, total = rollout.mask, rollout.mask.sum()
+    return {"overlap": float((topk_overlap(s, t, k) * m).sum() / total),
+            "sym_kl": float((symmetric_kl(s, t) * m).sum() / total)}

@@ -1,0 +1,478 @@
+"""
+Train and compare: CoPD against RLVR experts, mixed RLVR, static OPD and multi-teacher OPD,
+from one base policy π_0, with equal step budgets (DESIGN.md §4).
+
+    python train.py --experts text,image                       # CoPD (the default method)
+    python train.py --experts text --method rlvr --preset cpu  # one GRPO expert
+    python train.py --experts text,image --method all          # every method, then the table
+
+Writes OUT/metrics.jsonl (one JSON object per step and eval), OUT/results.json (method ->
+domain -> held-out greedy accuracy, with "average"), OUT/results.md (the table, budgets and
+seed) and OUT/curves.png.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from tqdm import tqdm
+
+from copd import CoPDConfig, budget_schedule, copd_step, describe, merge_average, neighbours, schedule
+from opd import OPDConfig, divergence, opd_batch
+from policy import TinyConfig, encode_prompt, load_policy
+from rlvr import RLConfig, backward_tokens, grpo_batch, loss_weights, rlvr_step, score, update
+from rollout import SamplingConfig, generate
+from tasks import DOMAINS, DataError, load_domain
+from warmstart import WarmStartConfig, warm_start
+
+METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "all")
+
+
+# -----------------------------------------------------------------------------
+# configuration: presets are dataclasses with defaults that run
+
+@dataclass
+class Preset:
+    steps: int = 60                    # T: GRPO steps of one expert; mixed and CoPD get K·T
+    cycles: int = 4                    # N of CoPD
+    difficulty: int = 2
+    train_pool: int = 4000             # training prompts per domain
+    eval_size: int = 400               # held-out prompts per domain, final eval
+    curve_eval_size: int = 100         # held-out prompts per domain, evals during training
+    eval_every: int = 20
+    eval_samples: int = 2              # sampled responses per prompt for the mean-over-samples accuracy
+    divergence_every: int = 20
+    divergence_prompts: int = 16
+    lr: float = 2e-4
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    warm: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+
+
+def presets():
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    smoke = Preset(steps=4, cycles=2, train_pool=200, eval_size=16, curve_eval_size=8, eval_every=2,
+                   eval_samples=1, divergence_every=2, divergence_prompts=4,
+                   warm=WarmStartConfig(steps=20, batch_size=16, train_examples=200),
+                   rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
+                   opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
+    cpu = Preset(steps=60, cycles=4,
+                 rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
+                 opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
+    gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
+                 tiny=TinyConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=768),
+                 warm=WarmStartConfig(steps=1500, batch_size=128),
+                 rl=RLConfig(prompts_per_step=64, group_size=8, micro_batch=512, sampling=sampling),
+                 opd=OPDConfig(prompts_per_step=64, samples_per_prompt=4))
+    return {"smoke": smoke, "cpu": cpu, "gpu": gpu}
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256):
+    """Held-out accuracy: greedy, and the mean over `samples` sampled responses."""
+    greedy, sampled = [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in chunk]
+        greedy.append(score(generate(model, proc, prompts, 1, sampling, greedy=True).texts, chunk, 1)[1])
+        if samples:
+            sampled.append(score(generate(model, proc, prompts, samples, sampling).texts, chunk, samples)[1])
+    out = {"greedy": float(torch.cat(greedy).mean())}
+    if samples:
+        out["sampled"] = float(torch.cat(sampled).mean())
+    return out
+
+
+class Run:
+    """Everything one invocation shares: π_0, data, the log, and the results so far."""
+
+    def __init__(self, args, preset: Preset, model0, proc):
+        self.args, self.p, self.model0, self.proc = args, preset, model0, proc
+        self.domains = args.experts
+        self.rng = random.Random(args.seed)
+        self.train = {d: load_domain(d, "train", preset.train_pool, args.seed, preset.difficulty, args.data)
+                      for d in self.domains}
+        self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
+                        for d in self.domains}
+        self.results, self.curves, self.divergence = {}, {}, {}
+        self.log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+        self.t0 = time.time()
+
+    def prompts(self, domain: str, n: int):
+        return [self.rng.choice(self.train[domain]) for _ in range(n)]
+
+    def mixed_prompts(self, n: int):
+        """An equal share of each domain (the union D_1 ∪ … ∪ D_K)."""
+        per = [n // len(self.domains) + (i < n % len(self.domains)) for i in range(len(self.domains))]
+        return [ex for d, k in zip(self.domains, per) for ex in self.prompts(d, k)]
+
+    def log(self, **row):
+        row["time"] = round(time.time() - self.t0, 2)
+        self.log_file.write(json.dumps(row) + "\n")
+        self.log_file.flush()
+
+    def eval(self, name: str, model, step: int, final: bool = False):
+        """Accuracy of `model` on every domain; logged, and kept for the curves."""
+        size = self.p.eval_size if final else self.p.curve_eval_size
+        accs = {d: evaluate(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
+                            self.p.eval_samples if final else 0) for d in self.domains}
+        self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)
+        self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
+        return accs
+
+    def record(self, method: str, accs: dict):
+        row = {d: round(a["greedy"], 4) for d, a in accs.items()}
+        row["average"] = round(sum(row.values()) / len(row), 4)
+        self.results[method] = row
+        if any("sampled" in a for a in accs.values()):
+            self.results.setdefault("_sampled", {})[method] = {d: round(a["sampled"], 4) for d, a in accs.items()}
+
+    def optimizer(self, model):
+        return torch.optim.AdamW(model.parameters(), lr=self.p.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+# -----------------------------------------------------------------------------
+# the methods
+
+def train_rlvr(run: Run, name: str, model, domains: list, steps: int):
+    """GRPO on the union of `domains` (one domain: an expert; all of them: mixed RLVR)."""
+    opt = run.optimizer(model)
+    run.eval(name, model, 0)
+    for step in tqdm(range(1, steps + 1), desc=f"{name} (GRPO)", leave=False):
+        examples = run.prompts(domains[0], run.p.rl.prompts_per_step) if len(domains) == 1 \
+            else run.mixed_prompts(run.p.rl.prompts_per_step)
+        stats = rlvr_step(model, opt, run.proc, examples, run.p.rl)
+        run.log(kind="train", model=name, step=step, **stats)
+        if step % run.p.eval_every == 0 or step == steps:
+            run.eval(name, model, step)
+    return model
+
+
+def train_experts(run: Run):
+    experts = {}
+    for d in run.domains:
+        experts[d] = train_rlvr(run, f"expert:{d}", copy.deepcopy(run.model0), [d], run.p.steps)
+    pairs = [(a, b) for a in run.domains for b in run.domains if a < b]
+    for a, b in pairs:  # the drift of independently trained experts, for contrast with CoPD
+        log_divergence(run, "experts", run.p.steps, experts[a], experts[b], f"{a}~{b}", a)
+    for d in run.domains:
+        log_divergence(run, "experts", run.p.steps, experts[d], run.model0, f"{d}~base", d)
+    return experts
+
+
+def train_distill(run: Run, name: str, student, teachers: dict, domains: list, steps: int):
+    """Static OPD: the student learns from fixed teachers on their domains, no reward."""
+    opt = run.optimizer(student)
+    run.eval(name, student, 0)
+    n = run.p.opd.prompts_per_step
+    for step in tqdm(range(1, steps + 1), desc=f"{name} (OPD)", leave=False):
+        examples = run.prompts(domains[0], n) if len(domains) == 1 else run.mixed_prompts(n)
+        batch, stats = opd_batch(student, teachers, run.proc, examples, run.p.rl, run.p.opd)
+        stats.update(update(student, opt, run.proc, [batch], run.p.rl))
+        run.log(kind="train", model=name, step=step, **stats)
+        if step % run.p.eval_every == 0 or step == steps:
+            run.eval(name, student, step)
+    return student
+
+
+def log_divergence(run: Run, method: str, step: int, student, teacher, pair: str, domain: str):
+    examples = run.heldout[domain][:run.p.divergence_prompts]
+    div = divergence(student, teacher, run.proc, examples, run.p.rl, run.p.opd.overlap_k)
+    run.log(kind="divergence", method=method, pair=pair, step=step, **div)
+    run.divergence.setdefault(method, {}).setdefault(pair, []).append((step, div))
+
+
+def train_copd(run: Run):
+    K, T = len(run.domains), run.p.steps
+    rl_steps, opd_steps = budget_schedule(K * T, run.p.cycles)
+    cfg = CoPDConfig(cycles=run.p.cycles, rl_steps=rl_steps, opd_steps=opd_steps,
+                     topology=run.args.topology)
+    print(describe(cfg, run.domains))
+    links = neighbours(run.domains, cfg.topology, cfg.hub)
+    branches = {d: copy.deepcopy(run.model0) for d in run.domains}
+    opts = {d: run.optimizer(m) for d, m in branches.items()}
+    for d, m in branches.items():
+        run.eval(f"copd:{d}", m, 0)
+    for i, (cycle, phase, _) in enumerate(tqdm(schedule(cfg), desc="CoPD", leave=False), 1):
+        stats = copd_step(branches, opts, run.proc, run.prompts, phase, links, run.p.rl, run.p.opd)
+        for d, s in stats.items():
+            run.log(kind="train", model=f"copd:{d}", step=i, cycle=cycle, phase=phase, **s)
+        if i % run.p.divergence_every == 0 or i == len(schedule(cfg)):
+            for a in run.domains:
+                for b in links[a]:
+                    if a < b:
+                        log_divergence(run, "copd", i, branches[a], branches[b], f"{a}~{b}", a)
+                log_divergence(run, "copd", i, branches[a], run.model0, f"{a}~base", a)
+        if i % run.p.eval_every == 0:
+            for d, m in branches.items():
+                run.eval(f"copd:{d}", m, i)
+    merged = merge_average(list(branches.values()))
+    return merged, branches, cfg
+
+
+def grad_cosine(run: Run, model) -> dict:
+    """cos(∇L_a, ∇L_b) of two domains' GRPO losses on the same weights (gradient conflict)."""
+    grads = {}
+    for d in run.domains:
+        batch, _ = grpo_batch(model, run.proc, run.prompts(d, run.p.rl.prompts_per_step), run.p.rl)
+        model.zero_grad(set_to_none=True)
+        w = loss_weights([batch.rollout.mask], run.p.rl.loss_agg)[0]
+        backward_tokens(model, run.proc, batch.rollout, w, run.p.rl, batch.token_loss)
+        grads[d] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    return {f"{a}~{b}": round(float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)), 4)
+            for a in run.domains for b in run.domains if a < b}
+
+
+# -----------------------------------------------------------------------------
+# results a person reads
+
+def budgets(run: Run) -> dict:
+    K, T = len(run.domains), run.p.steps
+    return {"base": "π_0 (warm start)" if not run.args.model else f"π_0 = {run.args.model}",
+            "experts": f"{T} GRPO steps per expert ({K} experts)",
+            "mixed": f"{K * T} GRPO steps on the union",
+            "opd": f"experts + {T} OPD steps per direction",
+            "mopd": f"experts + {T} multi-teacher OPD steps from π_0",
+            "copd": f"{K * T} steps per branch ({K} branches), merged by averaging"}
+
+
+def results_table(run: Run) -> str:
+    cols = run.domains + ["average"]
+    rows = [k for k in run.results if not k.startswith("_")]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in rows:
+        r = run.results[name]
+        lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.1f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_results(run: Run):
+    """results.json, results.md and curves.png, each written whole or not at all."""
+    out = run.args.out
+    cost = {m: round(run.results[m]["average"] - run.results["base"]["average"], 4)
+            for m in run.results if not m.startswith("_") and "base" in run.results}
+    if "mixed" in run.results and "experts" in run.results:
+        run.results["_divergence_cost"] = {d: round(run.results["mixed"][d] - run.results["experts"][d], 4)
+                                          for d in run.domains}
+    _atomic_write(os.path.join(out, "results.json"), json.dumps(run.results, indent=1))
+    md = [f"# Results: --experts {','.join(run.domains)} --method {run.args.method} "
+          f"--preset {run.args.preset} --seed {run.args.seed}", "",
+          f"Held-out greedy accuracy (%) over {len(run.heldout[run.domains[0]])} prompts per domain.", "",
+          results_table(run), "", "Budgets:", ""]
+    md += [f"- {m}: {b}" for m, b in budgets(run).items() if any(k == m or k.startswith(m + ":") or
+                                                                 (m == "experts" and k.startswith("expert:"))
+                                                                 for k in run.results)]
+    if "_divergence_cost" in run.results:
+        md += ["", "Divergence cost (mixed − expert, points): " +
+               ", ".join(f"{d} {100 * v:+.1f}" for d, v in run.results["_divergence_cost"].items())]
+    if "_grad_cosine" in run.results:
+        md += ["", "Gradient cosine between domains on π_0: " +
+               ", ".join(f"{k} {v:+.3f}" for k, v in run.results["_grad_cosine"].items())]
+    md += ["", "Gain over base (average, points): " + ", ".join(f"{m} {100 * v:+.1f}" for m, v in cost.items())]
+    _atomic_write(os.path.join(out, "results.md"), "\n".join(md) + "\n")
+    plot_curves(run, os.path.join(out, "curves.png"))
+
+
+def _atomic_write(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot_curves(run: Run, path: str):
+    """Accuracy per domain over training for every model; top-k overlap between branches
+    (CoPD) against the independently trained experts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(run.domains) + 1
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
+    for ax, d in zip(axes, run.domains):
+        for name, points in run.curves.items():
+            if len(points) > 1:
+                ax.plot([s for s, _ in points], [100 * a[d] for _, a in points], label=name, marker=".")
+        ax.set_title(f"{d}: held-out accuracy"), ax.set_xlabel("step"), ax.set_ylabel("%")
+    axes[0].legend(fontsize=7)
+    ax = axes[-1]
+    for method, pairs in run.divergence.items():
+        for pair, points in pairs.items():
+            style = "-" if "base" not in pair else ":"
+            ax.plot([s for s, _ in points], [p["overlap"] for _, p in points], style, marker="o",
+                    label=f"{method} {pair}")
+    ax.set_title("top-10 overlap"), ax.set_xlabel("step"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def run_methods(run: Run):
+    method, K, T = run.args.method, len(run.domains), run.p.steps
+    wanted = {"all": ["base", "experts", "mixed", "opd", "mopd", "copd"], "rlvr": ["base", "experts"]}.get(
+        method, ["base", method])
+    run.record("base", run.eval("base", run.model0, 0, final=True))
+    if K >= 2 and "base" in wanted and method in ("all", "mixed"):
+        run.results["_grad_cosine"] = grad_cosine(run, copy.deepcopy(run.model0))
+    experts = None
+    if any(m in wanted for m in ("experts", "opd", "mopd")):
+        experts = train_experts(run)
+        diag = {}
+        for d, m in experts.items():
+            accs = run.eval(f"expert:{d}", m, T, final=True)
+            run.record(f"expert:{d}", accs)
+            diag[d] = accs[d]
+        run.record("experts" if method != "rlvr" else "rlvr", diag)
+    if "mixed" in wanted:
+        mixed = train_rlvr(run, "mixed", copy.deepcopy(run.model0), run.domains, K * T)
+        run.record("mixed", run.eval("mixed", mixed, K * T, final=True))
+    if "opd" in wanted:
+        directions = [(a, b) for b in run.domains for a in neighbours(run.domains)[b]]
+        per_direction = []
+        for a, b in directions:  # a teaches b, on a's domain
+            name = f"opd:{a}->{b}"
+            student = train_distill(run, name, copy.deepcopy(experts[b]), {a: experts[a]}, [a], T)
+            accs = run.eval(name, student, T, final=True)
+            run.record(name, accs)
+            per_direction.append(accs)
+        # the summary row: the mean over directions (the paper reports each; so do we, above)
+        run.results["opd"] = {d: round(sum(a[d]["greedy"] for a in per_direction) / len(per_direction), 4)
+                              for d in run.domains}
+        run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / K, 4)
+    if "mopd" in wanted:
+        student = train_distill(run, "mopd", copy.deepcopy(run.model0), experts, run.domains, T)
+        run.record("mopd", run.eval("mopd", student, T, final=True))
+    if "copd" in wanted:
+        merged, branches, _ = train_copd(run)
+        for d, m in branches.items():
+            run.record(f"copd:{d}", run.eval(f"copd:{d}", m, K * T, final=True))
+        run.record("copd", run.eval("copd", merged, K * T, final=True))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", default="text,image", help="comma-separated domains: text,image,video")
+    ap.add_argument("--method", default="copd", help="|".join(METHODS))
+    ap.add_argument("--preset", default="cpu", help="smoke | cpu | gpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output folder (default runs/<method>-<experts>-s<seed>)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    ap.add_argument("--model", default=None, help="a checkpoint (hub name or folder) instead of the tiny π_0")
+    ap.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH", help="JSONL prompts of a domain")
+    ap.add_argument("--steps", type=int, default=None, help="T, GRPO steps per expert (overrides the preset)")
+    ap.add_argument("--opd-loss", default=None, help="sampled | full | topk")
+    ap.add_argument("--loss-agg", default=None, help="token | seq | seq_len_max")
+    ap.add_argument("--advantage", default=None, help="grpo | dr_grpo")
+    ap.add_argument("--topology", default="hub", help="hub | all-pairs (three or more experts)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    return args
+
+
+def validate(args):
+    """Every check that can fail before anything is written."""
+    args.experts = [d.strip() for d in args.experts.split(",") if d.strip()]
+    for d in args.experts:
+        if d not in DOMAINS:
+            raise UsageError(f"unknown domain '{d}' in --experts (choose from {', '.join(DOMAINS)})")
+    if len(set(args.experts)) != len(args.experts):
+        raise UsageError("--experts lists a domain twice")
+    if args.method not in METHODS:
+        raise UsageError(f"unknown method '{args.method}' (choose from {', '.join(METHODS)})")
+    if args.method in ("mixed", "opd", "mopd", "copd", "all") and len(args.experts) < 2:
+        raise UsageError(f"--method {args.method} needs at least two experts, e.g. --experts text,image")
+    if args.preset not in presets():
+        raise UsageError(f"unknown preset '{args.preset}' (choose from {', '.join(presets())})")
+    if args.topology not in ("hub", "all-pairs"):
+        raise UsageError(f"unknown topology '{args.topology}' (hub or all-pairs)")
+    data = {}
+    for item in args.data:
+        domain, sep, path = item.partition("=")
+        if not sep or domain not in DOMAINS:
+            raise UsageError(f"--data expects DOMAIN=PATH with DOMAIN in {', '.join(DOMAINS)}, got '{item}'")
+        data[domain] = path
+    args.data = data
+    if args.model and os.path.sep in args.model and not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: no such folder")
+    args.out = args.out or os.path.join("runs", f"{args.method}-{'-'.join(args.experts)}-s{args.seed}")
+    if os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
+        raise UsageError(f"{args.out} already holds a run's results: pass --overwrite or another --out")
+    preset = presets()[args.preset]
+    if args.steps:
+        preset.steps = args.steps
+    for flag, target, name, choices in ((args.opd_loss, preset.opd, "loss", ("sampled", "full", "topk")),
+                                        (args.loss_agg, preset.rl, "loss_agg", ("token", "seq", "seq_len_max")),
+                                        (args.advantage, preset.rl, "advantage", ("grpo", "dr_grpo"))):
+        if flag is not None:
+            if flag not in choices:
+                raise UsageError(f"unknown value '{flag}' (choose from {', '.join(choices)})")
+            setattr(target, name, flag)
+    return preset
+
+
+def load_base(args, preset: Preset):
+    if args.model:
+        try:
+            return load_policy(args.model, device=args.device)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
+    return warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        preset = validate(args)
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        # data and model load before OUT exists: bad input leaves nothing behind
+        for domain, path in args.data.items():
+            load_domain(domain, "train", 1, args.seed, preset.difficulty, args.data)
+        model0, proc = load_base(args, preset)
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tmp_out = not os.path.exists(args.out)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        run = Run(args, preset, model0, proc)
+        run.log(kind="config", args={k: v for k, v in vars(args).items()}, preset=asdict(preset))
+        run_methods(run)
+        write_results(run)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if tmp_out:
+            shutil.rmtree(args.out, ignore_errors=True)
+        return 2
+    print()
+    print(results_table(run))
+    print(f"\nwrote {args.out}/results.json, results.md, curves.png, metrics.jsonl "
+          f"({(time.time() - run.t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
