@@ -74,7 +74,7 @@ def merge_average(models: list):
     merged = copy.deepcopy(models[0])
     with torch.no_grad():
         for name, param in merged.named_parameters():
-            stacked = torch.stack([dict(m.named_parameters())[name].float() for m in models])
+            stacked = torch.stack([dict(m.named_parameters())[name].double() for m in models])
             param.copy_(stacked.mean(0).to(param.dtype))
     return merged
 

@@ -2,10 +2,11 @@
 Prompts D_d for each capability d ∈ {text, image, video}: built-in generators with exact
 answers, and a JSONL loader for real data.
 
-Built-in tasks (generated from a seed; `difficulty` is the knob):
-  text  : left-to-right integer arithmetic, `difficulty + 1` one-digit operands: "7+5-3" -> 9
-  image : a 4x4 grid of coloured cells in a 16x16 picture: "How many red?" -> count
-  video : 4 frames; one coloured square moves one cell between frames 2 and 3, `difficulty - 1`
+Built-in tasks (generated from a seed). `difficulty` is the knob: each example draws a level
+from 1..difficulty, and the level sets
+  text  : left-to-right integer arithmetic on level + 1 one-digit operands: "7+5-3" -> 9
+  image : up to 2 + 2·level coloured cells in a 4x4 grid (a 16x16 picture): "How many red?" -> 1
+  video : 4 frames; one coloured square moves one cell between frames 2 and 3 while level − 1
           others stay put: "Which way did red move?" -> left | right | up | down
 
 Train and held-out splits are disjoint by construction: an example's split is a hash of its
@@ -56,9 +57,9 @@ def split_of(key: str) -> str:
 # -----------------------------------------------------------------------------
 # generators: each returns (split key, Example)
 
-def make_text(rng: random.Random, difficulty: int):
-    nums = [rng.randint(0, 9) for _ in range(difficulty + 1)]
-    ops = [rng.choice("+-") for _ in range(difficulty)]
+def make_text(rng: random.Random, level: int):
+    nums = [rng.randint(0, 9) for _ in range(level + 1)]
+    ops = [rng.choice("+-") for _ in range(level)]
     expr, value = str(nums[0]), nums[0]
     for op, n in zip(ops, nums[1:]):
         expr += op + str(n)
@@ -74,8 +75,8 @@ def draw_cells(cells: dict):
     return img
 
 
-def make_image(rng: random.Random, difficulty: int):
-    n_cells = rng.randint(1, 2 + 2 * difficulty)
+def make_image(rng: random.Random, level: int):
+    n_cells = rng.randint(1, 2 + 2 * level)
     positions = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n_cells)
     cells = {pos: rng.choice(list(COLORS)) for pos in positions}
     color = rng.choice(list(COLORS))
@@ -84,8 +85,8 @@ def make_image(rng: random.Random, difficulty: int):
     return key, Example("image", f"How many {color}?", str(count), "math", image=draw_cells(cells))
 
 
-def make_video(rng: random.Random, difficulty: int):
-    names = rng.sample(list(COLORS), min(len(COLORS), difficulty))
+def make_video(rng: random.Random, level: int):
+    names = rng.sample(list(COLORS), min(len(COLORS), level))
     direction = rng.choice(list(DIRECTIONS))
     dr, dc = DIRECTIONS[direction]
     rows = range(max(0, -dr), GRID - max(0, dr))
@@ -111,7 +112,9 @@ def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int
     rng = random.Random(f"{domain}-{split}-{seed}-{difficulty}")
     out, seen = [], set()
     for _ in range(200 * n):
-        key, ex = GENERATORS[domain](rng, difficulty)
+        # each example draws its level from 1..difficulty: easy ones teach the format, hard ones
+        # leave room for RL
+        key, ex = GENERATORS[domain](rng, rng.randint(1, difficulty))
         if split_of(key) != split or (split == "heldout" and key in seen):
             continue
         seen.add(key)

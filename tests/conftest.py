@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+torch.set_num_threads(2)
+
+from policy import TinyConfig, build_tiny_policy, build_tokenizer, make_processor  # noqa: E402
+
+SMALL = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                   vision_hidden_size=16, vision_depth=1, vision_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random-init tiny Qwen2.5-VL and its processor (fp32)."""
+    tok = build_tokenizer()
+    model = build_tiny_policy(tok, SMALL, seed=0)
+    return model, make_processor(tok, model)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path / "cache"))

@@ -1,0 +1,89 @@
+import copy
+
+import pytest
+import torch
+
+import copd
+from copd import CoPDConfig, budget_schedule, copd_step, merge_average, neighbours, schedule
+from opd import OPDConfig
+from rlvr import RLConfig
+from rollout import SamplingConfig
+from tasks import builtin_examples
+
+
+def test_neighbours_two_three_and_all_pairs():
+    assert neighbours(["text", "image"]) == {"text": ["image"], "image": ["text"]}
+    hub = neighbours(["text", "image", "video"])
+    assert hub == {"text": ["image", "video"], "image": ["text"], "video": ["text"]}
+    pairs = neighbours(["text", "image", "video"], "all-pairs")
+    assert pairs["image"] == ["text", "video"]
+    for links in (hub, pairs):
+        assert all(d not in teachers for d, teachers in links.items())
+    with pytest.raises(ValueError):
+        neighbours(["text"])
+
+
+def test_budget_matches_the_experts_and_the_paper_ratio():
+    s_rl, s_opd = budget_schedule(total_steps=200, cycles=4)
+    assert (s_rl, s_opd) == (30, 20) and 4 * (s_rl + s_opd) == 200
+    steps = schedule(CoPDConfig(cycles=2, rl_steps=3, opd_steps=2))
+    assert [p for _, p, _ in steps] == ["rl"] * 3 + ["opd"] * 2 + ["rl"] * 3 + ["opd"] * 2
+
+
+def test_merge_of_identical_branches_is_the_identity(tiny):
+    model, _ = tiny
+    merged = merge_average([copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)])
+    for a, b in zip(model.parameters(), merged.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_merge_is_the_uniform_average(tiny):
+    model, _ = tiny
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    merged = merge_average([model, other])
+    for a, m in zip(model.parameters(), merged.parameters()):
+        assert torch.allclose(m, a + 0.5)
+
+
+def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monkeypatch):
+    model, proc = tiny
+    domains = ["text", "image", "video"]
+    branches = {d: copy.deepcopy(model) for d in domains}
+    with torch.no_grad():   # tell the branches apart
+        for i, m in enumerate(branches.values()):
+            m.lm_head.weight.add_(0.01 * i)
+    signature = lambda m: float(sum(p.double().sum() for p in m.parameters()))
+    at_start = {d: signature(m) for d, m in branches.items()}
+    calls = []
+    real = copd.opd_batch
+
+    def spy(student, teachers, proc_, examples, rl, opd):
+        (teacher_domain, teacher), = teachers.items()
+        calls.append((student, teacher_domain, teacher, {e.domain for e in examples}))
+        assert signature(teacher) == at_start[teacher_domain]      # the teacher has not moved yet
+        return real(student, teachers, proc_, examples, rl, opd)
+    monkeypatch.setattr(copd, "opd_batch", spy)
+    rl = RLConfig(prompts_per_step=2, group_size=2, lr=1e-2, sampling=SamplingConfig(max_new_tokens=4))
+    opd = OPDConfig(prompts_per_step=2, samples_per_prompt=1)
+    links = neighbours(domains)
+    opts = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in branches.items()}
+    prompts = lambda d, n: builtin_examples(d, "train", n, 0)
+    stats = copd_step(branches, opts, proc, prompts, "opd", links, rl, opd)
+    owner = {id(m): d for d, m in branches.items()}
+    seen = set()
+    for student, teacher_domain, teacher, example_domains in calls:
+        student_domain = owner[id(student)]
+        assert teacher is branches[teacher_domain] and teacher is not student       # never itself
+        assert example_domains == {teacher_domain}                                   # on the teacher's domain
+        assert teacher_domain in links[student_domain]
+        seen.add((student_domain, teacher_domain))
+    assert seen == {(d, j) for d in domains for j in links[d]}                      # bidirectional
+    assert all(signature(branches[d]) != at_start[d] for d in domains)              # then every branch moved
+    assert "overlap_from_text" in stats["image"]
+    # Phase I: no OPD at all
+    calls.clear()
+    copd_step(branches, opts, proc, prompts, "rl", links, rl, opd)
+    assert calls == []

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+
+from policy import (Processor, build_tokenizer, collate, encode_prompt, forward, load_policy, make_processor,
+                    patchify, position_ids, save_policy)
+from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
+from tasks import builtin_examples
+
+
+def test_tokenizer_round_trip_and_special_tokens():
+    tok = build_tokenizer()
+    text = "<|im_start|>user\nCompute 3+4.<|im_end|>\n<answer>7</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+              "<|video_pad|>", "<answer>"):
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.eos_token == "<|im_end|>"
+
+
+def test_patchify_follows_qwen2_vl_patch_order():
+    proc = Processor(tokenizer=None, patch_size=2, merge_size=2, temporal_patch_size=2,
+                     image_mean=(0, 0, 0), image_std=(1, 1, 1))
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    pv, grid = patchify(torch.as_tensor(img)[None], proc)
+    assert grid.tolist() == [1, 4, 4] and pv.shape == (16, 3 * 2 * 2 * 2)
+    # the first merge block is the top-left 2x2 of patches, row-major; a patch is (C, t, p, p)
+    x = torch.as_tensor(img).float().permute(2, 0, 1) / 255
+    second = pv[1].view(3, 2, 2, 2)
+    assert torch.allclose(second[:, 0], x[:, 0:2, 2:4]) and torch.allclose(second[:, 1], x[:, 0:2, 2:4])
+    third = pv[2].view(3, 2, 2, 2)                      # second patch row of the first block
+    assert torch.allclose(third[:, 0], x[:, 2:4, 0:2])
+    fifth = pv[4].view(3, 2, 2, 2)                      # the next merge block, to the right
+    assert torch.allclose(fifth[:, 0], x[:, 0:2, 4:6])
+
+
+def test_patchify_matches_transformers_image_processor():
+    pytest.importorskip("torchvision", reason="transformers' Qwen2-VL image processor needs torchvision")
+    from transformers import Qwen2VLImageProcessor
+    hf = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16, max_pixels=4096)
+    proc = Processor(tokenizer=None, patch_size=4, merge_size=2, temporal_patch_size=2)
+    rng = np.random.default_rng(0)
+    for h, w in ((16, 16), (24, 32)):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ref = hf(images=[img], return_tensors="pt")
+        ours, grid = patchify(torch.as_tensor(img)[None], proc)
+        assert grid.tolist() == ref["image_grid_thw"][0].tolist()
+        assert torch.allclose(ours, ref["pixel_values"].float(), atol=1e-4)
+
+
+def test_save_and_load_round_trip(tiny, tmp_path):
+    model, proc = tiny
+    save_policy(model, proc, str(tmp_path))
+    model2, proc2 = load_policy(str(tmp_path))
+    assert type(model2) is type(model)
+    assert (proc2.eos_ids, proc2.pad_id, proc2.image_id, proc2.video_id, proc2.patch_size) == \
+           (proc.eos_ids, proc.pad_id, proc.image_id, proc.video_id, proc.patch_size)
+    exs = builtin_examples("image", "train", 2, 0) + builtin_examples("video", "train", 1, 0)
+    prompts = [encode_prompt(proc2, e.prompt, e.image, e.video) for e in exs]
+    b = collate(prompts, proc.pad_id)
+    pos = position_ids(model, b.input_ids, b.attention_mask, b.vision)
+    with torch.no_grad():
+        a, _ = forward(model, b.input_ids, b.attention_mask, pos, vision=b.vision)
+        c, _ = forward(model2, b.input_ids, b.attention_mask, pos, vision=b.vision)
+    assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_left_padding_does_not_change_a_prompts_output(tiny):
+    model, proc = tiny
+    exs = builtin_examples("video", "train", 1, 0) + builtin_examples("text", "train", 1, 0)
+    exs[1].prompt = "Compute " + "+".join("1" * 40) + "."          # much longer: the video gets padded
+    prompts = [encode_prompt(proc, e.prompt, e.image, e.video) for e in exs]
+    alone = generate(model, proc, prompts[:1], 1, SamplingConfig(max_new_tokens=5), greedy=True)
+    padded = generate(model, proc, prompts, 1, SamplingConfig(max_new_tokens=5), greedy=True)
+    assert torch.equal(alone.response[0], padded.response[0])
+    assert torch.allclose(alone.logprobs[0], padded.logprobs[0], atol=1e-4)
+
+
+class _Output(dict):
+    logits = property(lambda self: self["logits"])
+
+
+class _OldStyleLM(torch.nn.Module):
+    """A model whose forward still takes (and returns) `past_key_values`."""
+    config = None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=None, logits_to_keep=0):
+        self.seen = past_key_values
+        return _Output(logits=torch.zeros(1, 1, 3), past_key_values="new-cache")
+
+
+def test_forward_uses_the_cache_keyword_the_model_takes(tiny):
+    old = _OldStyleLM()
+    logits, cache = forward(old, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1), None, cache="old-cache")
+    assert old.seen == "old-cache" and cache == "new-cache"
+    model, _ = tiny                      # the installed transformers: whichever name it takes
+    from policy import new_cache
+    ids = torch.tensor([[5, 6, 7]])
+    _, cache = forward(model, ids, torch.ones_like(ids), torch.arange(3)[None].expand(3, 1, 3), cache=new_cache(model))
+    assert cache.get_seq_length() == 3
+
+
+def _tiny_text_lm(arch: str, tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    kw = dict(vocab_size=len(tokenizer) + 6, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, intermediate_size=64, eos_token_id=tokenizer.eos_token_id,
+              pad_token_id=tokenizer.pad_token_id)
+    cfg = Qwen2Config(**kw) if arch == "qwen2" else LlamaConfig(**kw)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_text_causal_lm_checkpoint_loads_and_samples_consistently(arch, tmp_path):
+    tok = build_tokenizer()
+    model = _tiny_text_lm(arch, tok)       # its embedding table is padded past the tokenizer
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model2, proc = load_policy(str(tmp_path))
+    assert not proc.is_vl and proc.vocab_size == len(tok)
+    exs = builtin_examples("text", "train", 3, 0)
+    prompts = [encode_prompt(proc, e.prompt) for e in exs]
+    cfg = SamplingConfig(max_new_tokens=8)
+    torch.manual_seed(0)
+    r = generate(model2, proc, prompts, 2, cfg)
+    assert int(r.response.max()) < len(tok)
+    with torch.no_grad():
+        lp = token_logprobs(sampling_logprobs(response_logits(model2, proc, r.prompts, r.response), cfg, proc),
+                            r.response) * r.mask
+    assert torch.allclose(lp, r.logprobs, atol=1e-4)
+    with pytest.raises(ValueError, match="text-only"):
+        encode_prompt(proc, "x", image=np.zeros((16, 16, 3), np.uint8))

@@ -1,0 +1,94 @@
+import torch
+
+from policy import encode_prompt
+from rollout import SamplingConfig, generate, response_logits, response_mask, sampling_logprobs, token_logprobs
+from tasks import builtin_examples
+
+
+def mixed_prompts(proc):
+    """Text, image and video prompts of different lengths, for one left-padded batch."""
+    exs = (builtin_examples("text", "train", 2, 0) + builtin_examples("image", "train", 2, 0)
+           + builtin_examples("video", "train", 2, 0))
+    exs[0].prompt = "Compute 1+2+3+4+5+6+7+8+9, carefully."   # longer than the rest
+    return [encode_prompt(proc, e.prompt, e.image, e.video) for e in exs]
+
+
+def teacher_forced(model, proc, rollout, cfg):
+    with torch.no_grad():
+        logits = response_logits(model, proc, rollout.prompts, rollout.response)
+    return token_logprobs(sampling_logprobs(logits, cfg, proc), rollout.response) * rollout.mask
+
+
+def test_sampler_logprobs_equal_teacher_forced_logprobs(tiny):
+    model, proc = tiny
+    prompts = mixed_prompts(proc)
+    assert len({len(p.ids) for p in prompts}) > 1
+    for cfg in (SamplingConfig(max_new_tokens=12), SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=12)):
+        torch.manual_seed(0)
+        rollout = generate(model, proc, prompts, group_size=3, cfg=cfg)
+        assert rollout.response.shape[0] == 3 * len(prompts)
+        assert torch.allclose(teacher_forced(model, proc, rollout, cfg), rollout.logprobs, atol=1e-4)
+
+
+def test_group_rows_share_the_prompt_but_not_the_sample(tiny):
+    model, proc = tiny
+    torch.manual_seed(1)
+    rollout = generate(model, proc, mixed_prompts(proc)[:2], group_size=4, cfg=SamplingConfig(max_new_tokens=8))
+    assert rollout.prompts[0] is rollout.prompts[3] and rollout.prompts[4] is not rollout.prompts[3]
+    assert len({tuple(r.tolist()) for r in rollout.response[:4]}) > 1
+
+
+def test_rows_stop_independently_at_eos(tiny):
+    model, proc = tiny
+    eos = proc.eos_ids[0]
+
+    def favour_eos(module, inputs, logits):   # EOS likely: some rows stop early, others run on
+        logits[..., eos] += 3.0
+        return logits
+    hook = model.lm_head.register_forward_hook(favour_eos)
+    try:
+        torch.manual_seed(0)
+        cfg = SamplingConfig(max_new_tokens=16)
+        rollout = generate(model, proc, mixed_prompts(proc), group_size=4, cfg=cfg)
+        assert torch.allclose(teacher_forced(model, proc, rollout, cfg), rollout.logprobs, atol=1e-4)
+    finally:
+        hook.remove()
+    lengths = rollout.mask.sum(-1).long()
+    assert lengths.min() < lengths.max()
+    for i, (row, n) in enumerate(zip(rollout.response, lengths)):
+        stopped = (row == eos).nonzero()
+        if len(stopped):
+            first = int(stopped[0])
+            assert n == first + 1                              # EOS is inside the mask
+            assert (row[first + 1:] == proc.pad_id).all()      # nothing sampled after it
+            assert (rollout.logprobs[i, first + 1:] == 0).all()
+        else:
+            assert n == row.shape[0]
+
+
+def test_response_mask_is_built_from_positions_when_pad_equals_eos():
+    eos = 7
+    response = torch.tensor([[3, 7, 7, 7], [7, 7, 7, 7], [1, 2, 3, 4]])   # pad == eos
+    assert response_mask(response, [eos]).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_never_samples_past_the_vocabulary_or_a_placeholder(tiny):
+    model, proc = tiny
+    logits = torch.zeros(2, proc.vocab_size + 5)
+    logits[:, proc.vocab_size:] = 100.0
+    logits[:, proc.image_id] = 50.0
+    logp = sampling_logprobs(logits, SamplingConfig(), proc)
+    assert torch.isinf(logp[:, proc.vocab_size:]).all() and torch.isinf(logp[:, proc.image_id]).all()
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(2))
+
+
+def test_greedy_is_deterministic_and_top_p_keeps_the_nucleus(tiny):
+    model, proc = tiny
+    prompts = mixed_prompts(proc)[:3]
+    a = generate(model, proc, prompts, 1, SamplingConfig(max_new_tokens=6), greedy=True)
+    b = generate(model, proc, prompts, 1, SamplingConfig(max_new_tokens=6), greedy=True)
+    assert torch.equal(a.response, b.response)
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0]])
+    proc_like = type("P", (), {"vocab_size": 4, "image_id": -1, "video_id": -1})()
+    logp = sampling_logprobs(logits, SamplingConfig(top_p=0.7), proc_like)
+    assert torch.isinf(logp[0, 2:]).all() and torch.isfinite(logp[0, :2]).all()

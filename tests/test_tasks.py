@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+
+from tasks import DataError, builtin_examples, load_domain, load_jsonl, split_of
+from verifiers import is_correct
+
+
+@pytest.mark.parametrize("domain", ["text", "image", "video"])
+def test_splits_are_disjoint_and_seeded(domain):
+    train = builtin_examples(domain, "train", 300, seed=0)
+    held = builtin_examples(domain, "heldout", 100, seed=0)
+    key = lambda e: (e.prompt, e.answer, None if e.image is None else e.image.tobytes(),
+                     None if e.video is None else e.video.tobytes())
+    assert not {key(e) for e in train} & {key(e) for e in held}
+    again = builtin_examples(domain, "heldout", 100, seed=0)
+    assert [key(e) for e in again] == [key(e) for e in held]
+    assert len({key(e) for e in held}) == len(held)             # held-out problems are distinct
+
+
+def test_builtin_answers_are_right():
+    for ex in builtin_examples("text", "train", 50, 1):
+        assert is_correct(str(eval(ex.prompt[len("Compute "):-1])), ex.answer, ex.verifier)
+    for ex in builtin_examples("image", "train", 50, 1):
+        colour = ex.prompt.split()[2].rstrip("?")
+        from tasks import CELL, COLORS
+        cells = ex.image[::CELL, ::CELL].reshape(-1, 3)
+        assert sum((c == COLORS[colour]).all() for c in cells) == int(ex.answer)
+    for ex in builtin_examples("video", "train", 50, 1):
+        assert ex.video.shape == (4, 16, 16, 3) and ex.answer in ("left", "right", "up", "down")
+
+
+def test_difficulty_changes_the_problems():
+    easy = {e.prompt for e in builtin_examples("text", "train", 100, 0, difficulty=1)}
+    hard = [e.prompt for e in builtin_examples("text", "train", 100, 0, difficulty=3)]
+    assert max(p.count("+") + p.count("-") for p in easy) == 1
+    assert max(p.count("+") + p.count("-") for p in hard) == 3
+
+
+def test_split_is_a_pure_function_of_the_key():
+    assert split_of("abc") == split_of("abc")
+    assert {split_of(str(i)) for i in range(200)} == {"train", "heldout"}
+
+
+def test_jsonl_rows_load_with_images_and_verifiers(tmp_path):
+    from PIL import Image
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    rows = [{"prompt": "How many?", "answer": 2, "image": "a.png", "verifier": "math"},
+            {"prompt": "Pick", "answer": "B", "verifier": "choice"},
+            {"prompt": "Frames", "answer": "left", "video": ["a.png", "a.png"]}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    exs = load_jsonl(str(path), "image")
+    assert exs[0].image.shape == (16, 16, 3) and exs[0].answer == "2"
+    assert exs[1].verifier == "choice" and exs[2].video.shape == (2, 16, 16, 3)
+    assert len(load_domain("image", "heldout", 10, 0, 2, {"image": str(path)})) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "answer": "1"}\n{not json\n', "d.jsonl:2: not valid JSON"),
+    ('{"prompt": "a"}\n', "d.jsonl:1: a row needs"),
+    ('{"prompt": "a", "answer": "1", "image": "missing.png"}\n', "d.jsonl:1: cannot read image"),
+    ('{"prompt": "a", "answer": "1", "verifier": "fuzzy"}\n', "d.jsonl:1: unknown verifier"),
+    ('\n', "d.jsonl: no rows"),
+])
+def test_bad_jsonl_names_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message.replace(".", r"\.")):
+        load_jsonl(str(path), "image")

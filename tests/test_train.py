@@ -1,0 +1,111 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_method_all_smoke_writes_every_method(tmp_path):
+    out = tmp_path / "all"
+    assert train.main(["--experts", "text,image", "--method", "all", "--preset", "smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    for method in ("base", "experts", "mixed", "opd", "mopd", "copd"):
+        assert set(results[method]) == {"text", "image", "average"}, method
+        assert all(0.0 <= v <= 1.0 for v in results[method].values())
+    assert {"copd:text", "copd:image", "expert:text", "opd:text->image", "opd:image->text"} <= set(results)
+    assert set(results["_divergence_cost"]) == {"text", "image"}
+    assert (out / "curves.png").stat().st_size > 1000
+    md = (out / "results.md").read_text()
+    assert "| copd |" in md and "Budgets" in md and "--seed 0" in md
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in rows}
+    assert {"config", "train", "eval", "divergence"} <= kinds
+    opd_rows = [r for r in rows if r["kind"] == "train" and r.get("phase") == "opd"]
+    assert opd_rows and all("overlap_from_image" in r or "overlap_from_text" in r for r in opd_rows)
+    assert any(r["kind"] == "divergence" and r["method"] == "experts" for r in rows)
+
+
+def test_default_method_is_copd_and_three_experts_work(tmp_path):
+    out = tmp_path / "copd3"
+    assert train.main(["--experts", "text,image,video", "--preset", "smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["copd"]) == {"text", "image", "video", "average"}
+    assert {"copd:text", "copd:image", "copd:video"} <= set(results)
+    assert "experts" not in results
+
+
+def test_single_expert_rlvr(tmp_path):
+    out = tmp_path / "rlvr"
+    assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"base", "rlvr"} and set(results["rlvr"]) == {"text", "average"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experts", "text,audio"], "unknown domain 'audio'"),
+    (["--method", "ppo"], "unknown method 'ppo'"),
+    (["--experts", "text", "--method", "copd"], "needs at least two experts"),
+    (["--data", "text=nope.jsonl"], "nope.jsonl: no such file"),
+    (["--data", "speech=a.jsonl"], "--data expects DOMAIN=PATH"),
+    (["--model", "/no/such/checkpoint"], "no such folder"),
+])
+def test_bad_input_is_one_line_no_traceback_nothing_written(tmp_path, args, message):
+    out = tmp_path / "out"
+    r = run_cli("--preset", "smoke", "--out", str(out), *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_jsonl_row_and_missing_image_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": ')
+    r = run_cli("--preset", "smoke", "--out", str(tmp_path / "o1"), "--data", f"text={bad}")
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr and "Traceback" not in r.stderr
+    img = tmp_path / "img.jsonl"
+    img.write_text('{"prompt": "How many?", "answer": "1", "image": "gone.png"}\n')
+    r = run_cli("--preset", "smoke", "--out", str(tmp_path / "o2"), "--data", f"image={img}")
+    assert r.returncode == 2 and "img.jsonl:1" in r.stderr and "gone.png" in r.stderr
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_refuses_to_overwrite_another_runs_results(tmp_path):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    r = run_cli("--preset", "smoke", "--out", str(out))
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (out / "results.json").read_text() == "{}"
+
+
+def test_a_saved_checkpoint_runs_through_model_flag(tiny, tmp_path):
+    from policy import save_policy
+    model, proc = tiny
+    ckpt = tmp_path / "ckpt"
+    save_policy(model, proc, str(ckpt))
+    out = tmp_path / "real"
+    assert train.main(["--model", str(ckpt), "--experts", "text,image", "--method", "copd", "--preset", "smoke",
+                       "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["copd"]) == {"text", "image", "average"}
+
+
+def test_jsonl_data_trains_and_evaluates(tmp_path):
+    rows = [{"prompt": f"Compute {a}+{b}.", "answer": a + b} for a in range(5) for b in range(5)]
+    data = tmp_path / "text.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "jsonl"
+    assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--data", f"text={data}",
+                       "--out", str(out)]) == 0
+    assert "rlvr" in json.loads((out / "results.json").read_text())
