@@ -63,11 +63,11 @@ def build_tokenizer():
 class TinyConfig:
     """Shape of the default random-init Qwen2.5-VL. The vision tower sees 4x4-pixel patches,
     merged 2x2, so a 16x16 image becomes 4 tokens of the language model."""
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 3
+    num_kv_heads: int = 1
+    intermediate_size: int = 288
     vision_hidden_size: int = 64
     vision_depth: int = 2
     vision_heads: int = 4
@@ -122,6 +122,7 @@ class Processor:
     pad_id: int = 0
     image_id: int = -1
     video_id: int = -1
+    frame_timestamps: bool = False   # Qwen3-VL: each temporal patch is its own "<t seconds>" block
 
     @property
     def vocab_size(self):
@@ -148,6 +149,7 @@ def make_processor(tokenizer, model, preprocessor_config: dict | None = None):
         image_mean=tuple(pre.get("image_mean", CLIP_MEAN)), image_std=tuple(pre.get("image_std", CLIP_STD)),
         eos_ids=sorted(eos), pad_id=pad,
         image_id=getattr(cfg, "image_token_id", -1), video_id=getattr(cfg, "video_token_id", -1),
+        frame_timestamps=getattr(cfg, "model_type", "").startswith("qwen3"),
     )
 
 
@@ -203,7 +205,13 @@ def encode_prompt(proc: Processor, text: str, image=None, video=None) -> Prompt:
             pv, grid = patchify(frames, proc)
             prompt.pixel_values_videos, prompt.video_grid_thw = pv, grid[None]
             pad = "<|video_pad|>"
-        vision = "<|vision_start|>" + pad * (int(grid.prod()) // proc.merge_size ** 2) + "<|vision_end|>"
+        per_frame = int(grid[1] * grid[2]) // proc.merge_size ** 2
+        block = "<|vision_start|>" + pad * per_frame + "<|vision_end|>"
+        if video is not None and proc.frame_timestamps:   # 1 frame per second, as our tasks
+            seconds = [i * proc.temporal_patch_size + (proc.temporal_patch_size - 1) / 2 for i in range(int(grid[0]))]
+            vision = "".join(f"<{s:.1f} seconds>" + block for s in seconds)
+        else:
+            vision = "<|vision_start|>" + pad * (int(grid.prod()) // proc.merge_size ** 2) + "<|vision_end|>"
     messages = [{"role": "user", "content": vision + text}]
     if tok.chat_template:
         ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -66,8 +66,7 @@ def presets():
                    warm=WarmStartConfig(steps=20, batch_size=16, train_examples=200),
                    rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
-    cpu = Preset(steps=150, cycles=4, lr=1e-3, eval_every=25, curve_eval_size=300,
-                 warm=WarmStartConfig(steps=600),
+    cpu = Preset(steps=300, cycles=4, lr=2e-4, eval_every=50, eval_size=500, curve_eval_size=200,
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
                  opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
@@ -453,6 +452,9 @@ def main(argv=None):
         for domain, path in args.data.items():
             load_domain(domain, "train", 1, args.seed, preset.difficulty, args.data)
         model0, proc = load_base(args, preset)
+        if not proc.is_vl and set(args.experts) - {"text"}:
+            raise UsageError(f"--model {args.model} is text-only: it cannot learn "
+                             f"{', '.join(d for d in args.experts if d != 'text')}")
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

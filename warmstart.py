@@ -6,6 +6,7 @@ method of every run with the same settings starts from the same π_0.
 """
 
 import hashlib
+import math
 import json
 import os
 import random
@@ -23,9 +24,9 @@ from tasks import DOMAINS, builtin_examples
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 2e-3
+    steps: int = 1500
+    batch_size: int = 48           # an equal share of every domain
+    lr: float = 3e-3
     difficulty: int = 2
     train_examples: int = 4000     # per domain
 
@@ -59,14 +60,17 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     tokenizer = build_tokenizer()
     model = build_tiny_policy(tokenizer, tiny, seed)
     proc = make_processor(tokenizer, model)
-    data = [ex for d in DOMAINS for ex in builtin_examples(d, "train", cfg.train_examples, seed, cfg.difficulty)]
+    data = {d: builtin_examples(d, "train", cfg.train_examples, seed, cfg.difficulty) for d in DOMAINS}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    # linear warm-up, then cosine down to 10%: π_0 ends settled, not mid-oscillation
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * s / cfg.steps)))
     model.train()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=quiet, leave=False)
     for _ in bar:
-        loss = sft_loss(model, proc, rng.sample(data, cfg.batch_size))
+        batch = [ex for d in DOMAINS for ex in rng.sample(data[d], cfg.batch_size // len(DOMAINS))]
+        loss = sft_loss(model, proc, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

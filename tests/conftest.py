@@ -21,6 +21,7 @@ def tiny():
     return model, make_processor(tok, model)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("COPD_CACHE", str(tmp_path / "cache"))
+@pytest.fixture(autouse=True, scope="session")
+def _test_cache(tmp_path_factory):
+    """One π_0 cache for the whole session (keys are config hashes), never the user's."""
+    os.environ["COPD_CACHE"] = str(tmp_path_factory.mktemp("cache"))

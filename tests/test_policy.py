@@ -132,3 +132,52 @@ def test_text_causal_lm_checkpoint_loads_and_samples_consistently(arch, tmp_path
     assert torch.allclose(lp, r.logprobs, atol=1e-4)
     with pytest.raises(ValueError, match="text-only"):
         encode_prompt(proc, "x", image=np.zeros((16, 16, 3), np.uint8))
+
+
+def tiny_vl_checkpoint(arch: str, path):
+    """A random-init Qwen2-VL / Qwen2.5-VL / Qwen3-VL with our tokenizer, saved as a checkpoint."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
+    from policy import SPECIAL_TOKENS
+    tok = build_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    text = dict(vocab_size=len(tok) + 8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, intermediate_size=128, eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"],
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[4, 6, 6]))
+    vision = dict(depth=1, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2)
+    if arch == "qwen3_vl":
+        text["rope_parameters"]["mrope_interleaved"] = True
+        config = Qwen3VLConfig(text_config=dict(text, head_dim=32), vision_config=dict(
+            vision, hidden_size=32, intermediate_size=64, out_hidden_size=64, deepstack_visual_indexes=[0],
+            num_position_embeddings=64), **tokens)
+    elif arch == "qwen2_vl":
+        config = Qwen2VLConfig(text_config=text, vision_config=dict(vision, embed_dim=32, hidden_size=64, mlp_ratio=2),
+                               **tokens)
+    else:
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+            vision, hidden_size=32, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[0],
+            window_size=16), **tokens)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_vl_checkpoints_sample_consistently_on_text_image_and_video(arch, tmp_path):
+    model, proc = load_policy(tiny_vl_checkpoint(arch, tmp_path))
+    assert proc.is_vl and proc.vocab_size < model.get_output_embeddings().weight.shape[0]
+    exs = (builtin_examples("text", "train", 2, 0) + builtin_examples("image", "train", 2, 0)
+           + builtin_examples("video", "train", 2, 0))
+    prompts = [encode_prompt(proc, e.prompt, e.image, e.video) for e in exs]
+    cfg = SamplingConfig(max_new_tokens=8)
+    torch.manual_seed(0)
+    r = generate(model, proc, prompts, 2, cfg)
+    assert int(r.response.max()) < proc.vocab_size
+    with torch.no_grad():
+        lp = token_logprobs(sampling_logprobs(response_logits(model, proc, r.prompts, r.response), cfg, proc),
+                            r.response) * r.mask
+    assert torch.allclose(lp, r.logprobs, atol=1e-4)

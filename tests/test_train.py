@@ -109,3 +109,30 @@ def test_jsonl_data_trains_and_evaluates(tmp_path):
     assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--data", f"text={data}",
                        "--out", str(out)]) == 0
     assert "rlvr" in json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
+def test_vl_checkpoints_run_rlvr_and_copd_through_the_cli(arch, tmp_path):
+    from test_policy import tiny_vl_checkpoint
+    ckpt = tiny_vl_checkpoint(arch, tmp_path / "ckpt")
+    for method, experts in (("rlvr", "image"), ("copd", "text,video")):
+        out = tmp_path / method
+        assert train.main(["--model", ckpt, "--experts", experts, "--method", method, "--preset", "smoke",
+                           "--out", str(out)]) == 0
+        assert method in json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_text_lm_checkpoints_run_rlvr_and_copd_on_text(arch, tmp_path):
+    from test_policy import _tiny_text_lm
+    from policy import build_tokenizer
+    tok = build_tokenizer()
+    _tiny_text_lm(arch, tok).save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "rlvr"
+    assert train.main(["--model", str(tmp_path / "ckpt"), "--experts", "text", "--method", "rlvr",
+                       "--preset", "smoke", "--out", str(out)]) == 0
+    assert "rlvr" in json.loads((out / "results.json").read_text())
+    r = run_cli("--model", str(tmp_path / "ckpt"), "--experts", "text,image", "--preset", "smoke",
+                "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "text-only" in r.stderr and not (tmp_path / "bad").exists()
