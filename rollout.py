@@ -24,6 +24,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 16
+    cuda_graph: bool = True       # on CUDA: static KV cache, decode step replayed as a CUDA graph
+    done_check_every: int = 8     # GPU path: one host sync per this many tokens, not per token
 
 
 @dataclass
@@ -70,6 +72,8 @@ def decode_step(model, token, attention_mask, positions, cache):
 def generate(model, proc, prompts: list, group_size: int = 1, cfg: SamplingConfig = SamplingConfig(),
              greedy: bool = False) -> Rollout:
     device = next(model.parameters()).device
+    if device.type == "cuda" and cfg.cuda_graph:
+        return generate_static(model, proc, prompts, group_size, cfg, greedy, capture=True)
     batch = collate(prompts, proc.pad_id).to(device)
     pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
     cache = new_cache(model)
@@ -103,12 +107,123 @@ def generate(model, proc, prompts: list, group_size: int = 1, cfg: SamplingConfi
         step_pos = next_pos[..., None]
         logits, cache = decode_step(model, tok[:, None], mask, step_pos, cache)
         next_pos = next_pos + 1
-    response = torch.stack(tokens, 1)
+    return finish(proc, prompts, G, torch.stack(tokens, 1), torch.stack(logps, 1))
+
+
+def finish(proc, prompts, G, response, logprobs) -> Rollout:
     rmask = response_mask(response, proc.eos_ids)
-    logprobs = torch.stack(logps, 1) * rmask
-    texts = proc.tokenizer.batch_decode(response * rmask.long() + proc.pad_id * (1 - rmask.long()),
-                                        skip_special_tokens=True)
-    return Rollout([p for p in prompts for _ in range(G)], response, logprobs, rmask, texts, G)
+    response = response.masked_fill(rmask == 0, proc.pad_id)
+    texts = proc.tokenizer.batch_decode(response, skip_special_tokens=True)
+    return Rollout([p for p in prompts for _ in range(G)], response, logprobs * rmask, rmask, texts, G)
+
+
+# -----------------------------------------------------------------------------
+# the GPU path: a static KV cache sized once per (rows, length) bucket and the decode step,
+# sampling included, replayed as one CUDA graph: no Python, no host sync per token
+
+_STATIC = {}   # (model, rows, cache length, sampling, greedy) -> buffers, cache, graph
+
+
+def _race(logp, greedy: bool):
+    if greedy:
+        return logp.argmax(-1)
+    return (logp.exp() / torch.empty_like(logp).exponential_(1)).argmax(-1)
+
+
+def _static_step(model, proc, cfg, greedy, s):
+    """Decode one token for every row from the state buffers `s`, all in place."""
+    col = s["prompt_len"] + s["t"]                                   # this token's cache slot
+    s["mask"].scatter_(1, col.expand(s["mask"].shape[0], 1), 1.0)
+    additive = (1.0 - s["mask"][:, None, None, :]) * torch.finfo(s["mask"].dtype).min
+    logits, _ = forward(model, s["token"], additive, s["pos"], cache=s["cache"])
+    logp = sampling_logprobs(logits[:, -1], cfg, proc)
+    tok = _race(logp, greedy).masked_fill(s["done"], proc.pad_id)
+    nxt = (s["t"] + 1).expand(tok.shape[0], 1)
+    s["tokens"].scatter_(1, nxt, tok[:, None])
+    s["logps"].scatter_(1, nxt, logp.gather(-1, tok[:, None]))
+    s["done"] |= torch.isin(tok, s["eos"])
+    s["token"].copy_(tok[:, None])
+    s["pos"].add_(1)
+    s["t"].add_(1)
+
+
+@torch.no_grad()
+def generate_static(model, proc, prompts: list, group_size: int = 1, cfg: SamplingConfig = SamplingConfig(),
+                    greedy: bool = False, capture: bool = True) -> Rollout:
+    """Same contract as `generate`. Prefill runs eagerly (dynamic cache), its KV is repeated
+    into a static cache, then `_static_step` runs max_new_tokens − 1 times, as a CUDA graph
+    when `capture` (the CPU runs it eagerly: that is how the tests check it)."""
+    from transformers import StaticCache
+    device = next(model.parameters()).device
+    batch = collate(prompts, proc.pad_id).to(device)
+    pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
+    prefill = new_cache(model)
+    logits, prefill = forward(model, batch.input_ids, batch.attention_mask, pos, cache=prefill,
+                              vision=batch.vision, logits_to_keep=1)
+    G, (B, Lp), T = group_size, batch.input_ids.shape, cfg.max_new_tokens
+    N, L = B * G, -(-(Lp + T) // 64) * 64                             # length bucket: multiple of 64
+    key = (id(model), N, L, cfg.temperature, cfg.top_p, greedy, device)
+    if key not in _STATIC:
+        dtype = next(model.parameters()).dtype
+        _STATIC[key] = {
+            "cache": StaticCache(config=model.config, max_cache_len=L),
+            "mask": torch.zeros(N, L, dtype=dtype, device=device),
+            "token": torch.zeros(N, 1, dtype=torch.long, device=device),
+            "pos": torch.zeros((3, N, 1) if pos.dim() == 3 else (N, 1), dtype=torch.long, device=device),
+            "tokens": torch.zeros(N, T + 1, dtype=torch.long, device=device),
+            "logps": torch.zeros(N, T + 1, device=device),
+            "done": torch.zeros(N, dtype=torch.bool, device=device),
+            "eos": torch.tensor(proc.eos_ids, device=device),
+            "t": torch.zeros((), dtype=torch.long, device=device),
+            "prompt_len": torch.zeros((), dtype=torch.long, device=device),
+            "graph": None,
+        }
+    s = _STATIC[key]
+
+    def reset():
+        s["cache"].reset()
+        for layer, (k, v) in zip(s["cache"].layers, _layer_kv(prefill)):
+            layer.update(k.repeat_interleave(G, 0), v.repeat_interleave(G, 0))
+        s["mask"].zero_()
+        s["mask"][:, :Lp] = batch.attention_mask.repeat_interleave(G, 0)
+        s["prompt_len"].fill_(Lp)
+        s["t"].zero_()
+        s["pos"].copy_((pos.max(-1).values + 1).repeat_interleave(G, -1)[..., None])
+        logp = sampling_logprobs(logits[:, -1].repeat_interleave(G, 0), cfg, proc)   # the first token
+        tok = _race(logp, greedy)
+        s["tokens"].zero_()
+        s["logps"].zero_()
+        s["tokens"][:, 0] = tok
+        s["logps"][:, 0] = logp.gather(-1, tok[:, None])[:, 0]
+        s["done"].copy_(torch.isin(tok, s["eos"]))
+        s["token"].copy_(tok[:, None])
+
+    if capture and s["graph"] is None:
+        reset()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                                # warm-up outside the graph
+            for _ in range(2):
+                _static_step(model, proc, cfg, greedy, s)
+        torch.cuda.current_stream().wait_stream(side)
+        reset()
+        s["graph"] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(s["graph"]):
+            _static_step(model, proc, cfg, greedy, s)
+    reset()
+    for i in range(1, T):
+        if capture:
+            s["graph"].replay()
+        else:
+            _static_step(model, proc, cfg, greedy, s)
+        if i % cfg.done_check_every == 0 and bool(s["done"].all()):   # the only host sync
+            break
+    return finish(proc, prompts, G, s["tokens"][:, :T].clone(), s["logps"][:, :T].clone())
+
+
+def _layer_kv(cache):
+    """(keys, values) of every layer of a filled DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def response_logits(model, proc, prompts: list, response):

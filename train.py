@@ -66,7 +66,7 @@ def presets():
                    warm=WarmStartConfig(steps=20, batch_size=16, train_examples=200),
                    rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
-    cpu = Preset(steps=300, cycles=4, lr=2e-4, eval_every=50, eval_size=500, curve_eval_size=200,
+    cpu = Preset(steps=800, cycles=4, lr=3e-4, eval_every=100, eval_size=500, curve_eval_size=200,
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
                  opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
