@@ -66,7 +66,7 @@ def presets():
                    warm=WarmStartConfig(steps=20, batch_size=16, train_examples=200),
                    rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
-    cpu = Preset(steps=800, cycles=4, lr=3e-4, eval_every=100, eval_size=500, curve_eval_size=200,
+    cpu = Preset(steps=300, cycles=4, lr=2e-4, eval_every=50, eval_size=500, curve_eval_size=200,
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
                  opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
@@ -79,6 +79,13 @@ def presets():
 
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. non-finite losses): printed as one line, exit code 3."""
+
+
+MAX_SKIPPED_IN_A_ROW = 5
 
 
 # -----------------------------------------------------------------------------
@@ -112,6 +119,7 @@ class Run:
         self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
                         for d in self.domains}
         self.results, self.curves, self.divergence = {}, {}, {}
+        self.skipped_in_a_row = {}
         self.log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
         self.t0 = time.time()
 
@@ -127,6 +135,12 @@ class Run:
         row["time"] = round(time.time() - self.t0, 2)
         self.log_file.write(json.dumps(row) + "\n")
         self.log_file.flush()
+        if row.get("kind") == "train":   # a skipped step had a non-finite loss or gradient
+            model = row["model"]
+            self.skipped_in_a_row[model] = self.skipped_in_a_row.get(model, 0) + 1 if row.get("skipped") else 0
+            if self.skipped_in_a_row[model] >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingError(f"{model}: {MAX_SKIPPED_IN_A_ROW} steps in a row had a non-finite "
+                                    f"loss or gradient (last at step {row.get('step')}); stopping")
 
     def eval(self, name: str, model, step: int, final: bool = False):
         """Accuracy of `model` on every domain; logged, and kept for the curves."""
@@ -134,7 +148,8 @@ class Run:
         accs = {d: evaluate(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
                             self.p.eval_samples if final else 0) for d in self.domains}
         self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)
-        self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
+        if not final:   # the final eval uses a larger set: it would put a jump at the curve's end
+            self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
         return accs
 
     def record(self, method: str, accs: dict):
@@ -470,6 +485,9 @@ def main(argv=None):
         if tmp_out:
             shutil.rmtree(args.out, ignore_errors=True)
         return 2
+    except TrainingError as e:   # keep metrics.jsonl: it shows what went wrong
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print()
     print(results_table(run))
     print(f"\nwrote {args.out}/results.json, results.md, curves.png, metrics.jsonl "

@@ -136,3 +136,14 @@ def test_text_lm_checkpoints_run_rlvr_and_copd_on_text(arch, tmp_path):
     r = run_cli("--model", str(tmp_path / "ckpt"), "--experts", "text,image", "--preset", "smoke",
                 "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "text-only" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_repeated_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "rlvr_step", lambda model, opt, proc, examples, cfg: {"skipped": True})
+    out = tmp_path / "nan"
+    assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--steps", "8",
+                       "--out", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "5 steps in a row had a non-finite loss" in err and "Traceback" not in err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped", False) for r in rows) == 5
