@@ -27,7 +27,7 @@ def test_warm_start_is_cached_and_reused(tmp_path, monkeypatch):
 
 def test_supervised_warm_start_teaches_the_answer_format(tmp_path, monkeypatch):
     monkeypatch.setenv("COPD_CACHE", str(tmp_path))
-    model, proc = warm_start(TINY, WarmStartConfig(steps=60, batch_size=24, train_examples=300), seed=0, quiet=True)
+    model, proc = warm_start(TINY, WarmStartConfig(steps=150, batch_size=24, train_examples=300), seed=0, quiet=True)
     exs = builtin_examples("text", "heldout", 40, 0)
     from policy import encode_prompt
     from rollout import generate
