@@ -14,12 +14,10 @@ seed) and OUT/curves.png.
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -293,9 +291,8 @@ def write_results(run: Run):
           f"--preset {run.args.preset} --seed {run.args.seed}", "",
           f"Held-out greedy accuracy (%) over {len(run.heldout[run.domains[0]])} prompts per domain.", "",
           results_table(run), "", "Budgets:", ""]
-    md += [f"- {m}: {b}" for m, b in budgets(run).items() if any(k == m or k.startswith(m + ":") or
-                                                                 (m == "experts" and k.startswith("expert:"))
-                                                                 for k in run.results)]
+    trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in run.results}
+    md += [f"- {m}: {b}" for m, b in budgets(run).items() if m in trained]
     if "_divergence_cost" in run.results:
         md += ["", "Divergence cost (mixed − expert, points): " +
                ", ".join(f"{d} {100 * v:+.1f}" for d, v in run.results["_divergence_cost"].items())]

@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from policy import (Processor, build_tokenizer, collate, encode_prompt, forward, load_policy, make_processor,
-                    patchify, position_ids, save_policy)
+from policy import (Processor, build_tokenizer, collate, encode_prompt, forward, load_policy, patchify, position_ids, save_policy)
 from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
 from tasks import builtin_examples
 
