@@ -126,7 +126,7 @@ def _load_image(path: str, where: str):
     from PIL import Image
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))   # a writable copy
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read image '{path}' ({e.__class__.__name__})") from None
 

@@ -147,3 +147,13 @@ def test_repeated_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, m
     assert "5 steps in a row had a non-finite loss" in err and "Traceback" not in err
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("skipped", False) for r in rows) == 5
+
+
+def test_the_example_files_train_every_domain(tmp_path):
+    examples = os.path.join(ROOT, "examples")
+    out = tmp_path / "examples"
+    assert train.main(["--experts", "text,image,video", "--preset", "smoke", "--out", str(out)]
+                      + [arg for d in ("text", "image", "video")
+                         for arg in ("--data", f"{d}={os.path.join(examples, d + '.jsonl')}")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["copd"]) == {"text", "image", "video", "average"}
