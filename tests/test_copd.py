@@ -55,7 +55,7 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
     with torch.no_grad():   # tell the branches apart
         for i, m in enumerate(branches.values()):
             m.lm_head.weight.add_(0.01 * i)
-    signature = lambda m: float(sum(p.double().sum() for p in m.parameters()))
+    signature = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))
     at_start = {d: signature(m) for d, m in branches.items()}
     calls = []
     real = copd.opd_batch
