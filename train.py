@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from tqdm import tqdm
 
+from checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from copd import CoPDConfig, budget_schedule, copd_step, describe, merge_average, neighbours, schedule
 from opd import OPDConfig, divergence, opd_batch
 from policy import TinyConfig, encode_prompt, load_policy
@@ -118,8 +119,66 @@ class Run:
                         for d in self.domains}
         self.results, self.curves, self.divergence = {}, {}, {}
         self.skipped_in_a_row = {}
-        self.log_file = open(os.path.join(args.out, "metrics.jsonl"), "w")
+        self.completed, self.models = [], {}     # finished stages; finished models later stages need
+        self.resume, self.lines = None, 0
+        metrics = os.path.join(args.out, "metrics.jsonl")
+        if args.resume:
+            path, snap = load_latest(args.out)
+            if snap is None:
+                print(f"no checkpoint in {args.out}: starting from the beginning")
+            else:
+                print(f"resuming from {path}, {snap['where']}")
+                self.resume = snap
+                self.completed, self.results = snap["completed"], snap["results"]
+                self.curves, self.divergence = snap["curves"], snap["divergence"]
+                self.skipped_in_a_row = snap["skipped"]
+                for name, state in snap["models"].items():
+                    self.models[name] = copy.deepcopy(model0)
+                    self.models[name].load_state_dict(state)
+                self.lines = snap["metrics_lines"]
+                with open(metrics) as f:   # drop what was logged after the checkpoint
+                    kept = f.readlines()[:self.lines]
+                with open(metrics, "w") as f:
+                    f.writelines(kept)
+        self.log_file = open(metrics, "a" if self.resume else "w")
         self.t0 = time.time()
+
+    # -- stages, checkpoints and resuming
+
+    def todo(self, stage: str) -> bool:
+        return stage not in self.completed
+
+    def done(self, stage: str, **keep):
+        """Mark a stage finished, keeping the models that later stages need."""
+        self.models.update(keep)
+        self.completed.append(stage)
+
+    def begin_loop(self, loop: str, models: dict, optimizers: dict) -> int:
+        """The step a training loop starts after: 0, or where the checkpoint being resumed left
+        it (its weights, optimizer state and RNG states are loaded here)."""
+        snap = self.resume
+        if snap is None or snap["loop"] != loop:
+            return 0
+        for name, model in models.items():
+            model.load_state_dict(snap["loop_models"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(snap["loop_optimizers"][name])
+        set_rng_state(self.rng, snap["rng"])
+        self.resume = None
+        return snap["step"]
+
+    def end_of_step(self, loop: str, step: int, models: dict, optimizers: dict, where: str = ""):
+        """Checkpoint every --ckpt-every steps of any loop."""
+        every = self.args.ckpt_every
+        if not every or step % every:
+            return
+        save_checkpoint(self.args.out, {
+            "loop": loop, "step": step, "where": where or f"{loop} step {step}",
+            "completed": list(self.completed), "models": {k: m.state_dict() for k, m in self.models.items()},
+            "loop_models": {k: m.state_dict() for k, m in models.items()},
+            "loop_optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "rng": rng_state(self.rng), "results": self.results, "curves": self.curves,
+            "divergence": self.divergence, "skipped": self.skipped_in_a_row, "metrics_lines": self.lines})
 
     def prompts(self, domain: str, n: int):
         return [self.rng.choice(self.train[domain]) for _ in range(n)]
@@ -133,6 +192,7 @@ class Run:
         row["time"] = round(time.time() - self.t0, 2)
         self.log_file.write(json.dumps(row) + "\n")
         self.log_file.flush()
+        self.lines += 1
         if row.get("kind") == "train":   # a skipped step had a non-finite loss or gradient
             model = row["model"]
             self.skipped_in_a_row[model] = self.skipped_in_a_row.get(model, 0) + 1 if row.get("skipped") else 0
@@ -167,41 +227,57 @@ class Run:
 def train_rlvr(run: Run, name: str, model, domains: list, steps: int):
     """GRPO on the union of `domains` (one domain: an expert; all of them: mixed RLVR)."""
     opt = run.optimizer(model)
-    run.eval(name, model, 0)
-    for step in tqdm(range(1, steps + 1), desc=f"{name} (GRPO)", leave=False):
+    start = run.begin_loop(name, {name: model}, {name: opt})
+    if start == 0:
+        run.eval(name, model, 0)
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=f"{name} (GRPO)", leave=False):
         examples = run.prompts(domains[0], run.p.rl.prompts_per_step) if len(domains) == 1 \
             else run.mixed_prompts(run.p.rl.prompts_per_step)
         stats = rlvr_step(model, opt, run.proc, examples, run.p.rl)
         run.log(kind="train", model=name, step=step, **stats)
         if step % run.p.eval_every == 0 or step == steps:
             run.eval(name, model, step)
+        run.end_of_step(name, step, {name: model}, {name: opt})
     return model
 
 
 def train_experts(run: Run):
-    experts = {}
+    """One GRPO expert per domain, each a stage of its own (so a resumed run keeps them)."""
     for d in run.domains:
-        experts[d] = train_rlvr(run, f"expert:{d}", copy.deepcopy(run.model0), [d], run.p.steps)
-    pairs = [(a, b) for a in run.domains for b in run.domains if a < b]
-    for a, b in pairs:  # the drift of independently trained experts, for contrast with CoPD
-        log_divergence(run, "experts", run.p.steps, experts[a], experts[b], f"{a}~{b}", a)
-    for d in run.domains:
-        log_divergence(run, "experts", run.p.steps, experts[d], run.model0, f"{d}~base", d)
+        name = f"expert:{d}"
+        if run.todo(name):
+            expert = train_rlvr(run, name, copy.deepcopy(run.model0), [d], run.p.steps)
+            run.record(name, run.eval(name, expert, run.p.steps, final=True))
+            run.done(name, **{name: expert})
+    experts = {d: run.models[f"expert:{d}"] for d in run.domains}
+    if run.todo("experts"):
+        pairs = [(a, b) for a in run.domains for b in run.domains if a < b]
+        for a, b in pairs:  # the drift of independently trained experts, for contrast with CoPD
+            log_divergence(run, "experts", run.p.steps, experts[a], experts[b], f"{a}~{b}", a)
+        for d in run.domains:
+            log_divergence(run, "experts", run.p.steps, experts[d], run.model0, f"{d}~base", d)
+        diag = {d: run.results[f"expert:{d}"][d] for d in run.domains}   # each expert on its own domain
+        run.results["experts" if run.args.method != "rlvr" else "rlvr"] = {
+            **diag, "average": round(sum(diag.values()) / len(diag), 4)}
+        run.done("experts")
     return experts
 
 
 def train_distill(run: Run, name: str, student, teachers: dict, domains: list, steps: int):
     """Static OPD: the student learns from fixed teachers on their domains, no reward."""
     opt = run.optimizer(student)
-    run.eval(name, student, 0)
+    start = run.begin_loop(name, {name: student}, {name: opt})
+    if start == 0:
+        run.eval(name, student, 0)
     n = run.p.opd.prompts_per_step
-    for step in tqdm(range(1, steps + 1), desc=f"{name} (OPD)", leave=False):
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=f"{name} (OPD)", leave=False):
         examples = run.prompts(domains[0], n) if len(domains) == 1 else run.mixed_prompts(n)
         batch, stats = opd_batch(student, teachers, run.proc, examples, run.p.rl, run.p.opd)
         stats.update(update(student, opt, run.proc, [batch], run.p.rl))
         run.log(kind="train", model=name, step=step, **stats)
         if step % run.p.eval_every == 0 or step == steps:
             run.eval(name, student, step)
+        run.end_of_step(name, step, {name: student}, {name: opt})
     return student
 
 
@@ -221,13 +297,19 @@ def train_copd(run: Run):
     links = neighbours(run.domains, cfg.topology, cfg.hub)
     branches = {d: copy.deepcopy(run.model0) for d in run.domains}
     opts = {d: run.optimizer(m) for d, m in branches.items()}
-    for d, m in branches.items():
-        run.eval(f"copd:{d}", m, 0)
-    for i, (cycle, phase, _) in enumerate(tqdm(schedule(cfg), desc="CoPD", leave=False), 1):
+    named = ({f"copd:{d}": m for d, m in branches.items()}, {f"copd:{d}": o for d, o in opts.items()})
+    steps = schedule(cfg)
+    start = run.begin_loop("copd", *named)
+    if start == 0:
+        for d, m in branches.items():
+            run.eval(f"copd:{d}", m, 0)
+    for i, (cycle, phase, in_phase) in enumerate(tqdm(steps, desc="CoPD", leave=False), 1):
+        if i <= start:
+            continue
         stats = copd_step(branches, opts, run.proc, run.prompts, phase, links, run.p.rl, run.p.opd)
         for d, s in stats.items():
             run.log(kind="train", model=f"copd:{d}", step=i, cycle=cycle, phase=phase, **s)
-        if i % run.p.divergence_every == 0 or i == len(schedule(cfg)):
+        if i % run.p.divergence_every == 0 or i == len(steps):
             for a in run.domains:
                 for b in links[a]:
                     if a < b:
@@ -236,6 +318,7 @@ def train_copd(run: Run):
         if i % run.p.eval_every == 0:
             for d, m in branches.items():
                 run.eval(f"copd:{d}", m, i)
+        run.end_of_step("copd", i, *named, where=f"CoPD cycle {cycle} {phase} step {in_phase + 1} (update {i})")
     merged = merge_average(list(branches.values()))
     return merged, branches, cfg
 
@@ -343,45 +426,43 @@ def plot_curves(run: Run, path: str):
 # main
 
 def run_methods(run: Run):
+    """Every wanted method in order; each finished stage is skipped when resuming."""
     method, K, T = run.args.method, len(run.domains), run.p.steps
     wanted = {"all": ["base", "experts", "mixed", "opd", "mopd", "copd"], "rlvr": ["base", "experts"]}.get(
         method, ["base", method])
-    run.record("base", run.eval("base", run.model0, 0, final=True))
-    if K >= 2 and "base" in wanted and method in ("all", "mixed"):
-        run.results["_grad_cosine"] = grad_cosine(run, copy.deepcopy(run.model0))
-    experts = None
+    if run.todo("base"):
+        run.record("base", run.eval("base", run.model0, 0, final=True))
+        if K >= 2 and method in ("all", "mixed"):
+            run.results["_grad_cosine"] = grad_cosine(run, copy.deepcopy(run.model0))
+        run.done("base")
     if any(m in wanted for m in ("experts", "opd", "mopd")):
         experts = train_experts(run)
-        diag = {}
-        for d, m in experts.items():
-            accs = run.eval(f"expert:{d}", m, T, final=True)
-            run.record(f"expert:{d}", accs)
-            diag[d] = accs[d]
-        run.record("experts" if method != "rlvr" else "rlvr", diag)
-    if "mixed" in wanted:
+    if "mixed" in wanted and run.todo("mixed"):
         mixed = train_rlvr(run, "mixed", copy.deepcopy(run.model0), run.domains, K * T)
         run.record("mixed", run.eval("mixed", mixed, K * T, final=True))
+        run.done("mixed")
     if "opd" in wanted:
         directions = [(a, b) for b in run.domains for a in neighbours(run.domains)[b]]
-        per_direction = []
         for a, b in directions:  # a teaches b, on a's domain
             name = f"opd:{a}->{b}"
-            student = train_distill(run, name, copy.deepcopy(experts[b]), {a: experts[a]}, [a], T)
-            accs = run.eval(name, student, T, final=True)
-            run.record(name, accs)
-            per_direction.append(accs)
-        # the summary row: the mean over directions (the paper reports each; so do we, above)
-        run.results["opd"] = {d: round(sum(a[d]["greedy"] for a in per_direction) / len(per_direction), 4)
-                              for d in run.domains}
+            if run.todo(name):
+                student = train_distill(run, name, copy.deepcopy(experts[b]), {a: experts[a]}, [a], T)
+                run.record(name, run.eval(name, student, T, final=True))
+                run.done(name)
+        # the summary row: the mean over directions (the paper reports each; so do we)
+        rows = [run.results[f"opd:{a}->{b}"] for a, b in directions]
+        run.results["opd"] = {d: round(sum(r[d] for r in rows) / len(rows), 4) for d in run.domains}
         run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / K, 4)
-    if "mopd" in wanted:
+    if "mopd" in wanted and run.todo("mopd"):
         student = train_distill(run, "mopd", copy.deepcopy(run.model0), experts, run.domains, T)
         run.record("mopd", run.eval("mopd", student, T, final=True))
-    if "copd" in wanted:
+        run.done("mopd")
+    if "copd" in wanted and run.todo("copd"):
         merged, branches, _ = train_copd(run)
         for d, m in branches.items():
             run.record(f"copd:{d}", run.eval(f"copd:{d}", m, K * T, final=True))
         run.record("copd", run.eval("copd", merged, K * T, final=True))
+        run.done("copd")
 
 
 def parse_args(argv=None):
@@ -392,6 +473,8 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default runs/<method>-<experts>-s<seed>)")
     ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps of any loop (0: never)")
     ap.add_argument("--model", default=None, help="a checkpoint (hub name or folder) instead of the tiny π_0")
     ap.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH", help="JSONL prompts of a domain")
     ap.add_argument("--steps", type=int, default=None, help="T, GRPO steps per expert (overrides the preset)")
@@ -430,8 +513,12 @@ def validate(args):
     if args.model and os.path.sep in args.model and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: no such folder")
     args.out = args.out or os.path.join("runs", f"{args.method}-{'-'.join(args.experts)}-s{args.seed}")
-    if os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
-        raise UsageError(f"{args.out} already holds a run's results: pass --overwrite or another --out")
+    earlier = os.path.exists(os.path.join(args.out, "results.json")) or list_checkpoints(args.out)
+    if earlier and not (args.overwrite or args.resume):
+        raise UsageError(f"{args.out} already holds a run: pass --resume, --overwrite or another --out")
+    if args.overwrite and not args.resume:
+        for old in list_checkpoints(args.out):
+            os.remove(old)
     preset = presets()[args.preset]
     if args.steps:
         preset.steps = args.steps
@@ -458,12 +545,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         preset = validate(args)
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
         # data and model load before OUT exists: bad input leaves nothing behind
         for domain, path in args.data.items():
             load_domain(domain, "train", 1, args.seed, preset.difficulty, args.data)
         model0, proc = load_base(args, preset)
+        # seeded after π_0 exists: building it reseeds torch, loading it from the cache does not
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
         if not proc.is_vl and set(args.experts) - {"text"}:
             raise UsageError(f"--model {args.model} is text-only: it cannot learn "
                              f"{', '.join(d for d in args.experts if d != 'text')}")

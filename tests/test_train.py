@@ -85,7 +85,7 @@ def test_refuses_to_overwrite_another_runs_results(tmp_path):
     out.mkdir()
     (out / "results.json").write_text("{}")
     r = run_cli("--preset", "smoke", "--out", str(out))
-    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert r.returncode == 2 and "--overwrite" in r.stderr and "--resume" in r.stderr
     assert (out / "results.json").read_text() == "{}"
 
 
@@ -157,3 +157,32 @@ def test_the_example_files_train_every_domain(tmp_path):
                          for arg in ("--data", f"{d}={os.path.join(examples, d + '.jsonl')}")]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["copd"]) == {"text", "image", "video", "average"}
+
+
+def test_a_killed_run_resumes_to_the_same_results(tmp_path):
+    """SIGKILL in CoPD's Phase II, --resume, and the results equal an uninterrupted run's."""
+    import signal
+    import time
+    args = ["--experts", "text,image", "--method", "all", "--preset", "smoke", "--steps", "6", "--ckpt-every", "1"]
+    whole = tmp_path / "whole"
+    assert train.main(args + ["--out", str(whole)]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 300
+    metrics = killed / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"phase": "opd"' in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    r = run_cli(*args, "--out", str(killed))
+    assert r.returncode == 2 and "--resume" in r.stderr          # no silent restart over it
+    assert train.main(args + ["--out", str(killed), "--resume"]) == 0
+    assert json.loads((killed / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs if r["kind"] != "config"]
+    assert strip(rows) == strip(whole_rows)

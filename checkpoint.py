@@ -1,0 +1,60 @@
+"""
+Checkpoints of a whole run, so a killed run resumes exactly where it was.
+
+A checkpoint is one file `OUT/ckpt-NNNNN.pt` holding everything the run needs to go on as if
+it had never stopped: the weights and optimizer state of the loop in progress, the finished
+models later methods need (the experts), the RNG states, the loop's step, which stages are
+done, the results, curves and divergence measurements so far, and how many lines of
+metrics.jsonl they account for. It is written to a temporary name and renamed only when
+complete (a rename is atomic), and only the newest two are kept.
+"""
+
+import glob
+import os
+import random
+
+import torch
+
+KEEP = 2
+
+
+def rng_state(run_rng: random.Random) -> dict:
+    return {"run": run_rng.getstate(), "python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(run_rng: random.Random, state: dict):
+    run_rng.setstate(state["run"])
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: str, snapshot: dict) -> str:
+    """Write ckpt-<next>.pt atomically; drop all but the newest KEEP. Returns its path."""
+    existing = list_checkpoints(out)
+    number = int(os.path.basename(existing[-1])[5:10]) + 1 if existing else 1
+    path = os.path.join(out, f"ckpt-{number:05d}.pt")
+    tmp = path + ".tmp"
+    try:
+        torch.save(snapshot, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    for old in list_checkpoints(out)[:-KEEP]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(out: str) -> list:
+    """Complete checkpoints, oldest first (a half-written one still has its .tmp name)."""
+    return sorted(glob.glob(os.path.join(out, "ckpt-[0-9][0-9][0-9][0-9][0-9].pt")))
+
+
+def load_latest(out: str):
+    found = list_checkpoints(out)
+    if not found:
+        return None, None
+    return found[-1], torch.load(found[-1], weights_only=False)

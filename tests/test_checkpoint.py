@@ -1,0 +1,41 @@
+import os
+import random
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
+
+
+def test_an_interrupted_write_leaves_the_previous_checkpoint_in_place(tmp_path, monkeypatch):
+    first = save_checkpoint(str(tmp_path), {"step": 1, "weights": torch.ones(3)})
+
+    def dies_half_way(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt   # killed mid-write
+    monkeypatch.setattr(checkpoint.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(str(tmp_path), {"step": 2, "weights": torch.zeros(3)})
+    assert list_checkpoints(str(tmp_path)) == [first]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    path, snap = load_latest(str(tmp_path))
+    assert path == first and snap["step"] == 1 and torch.equal(snap["weights"], torch.ones(3))
+
+
+def test_only_the_newest_two_are_kept(tmp_path):
+    for step in range(5):
+        save_checkpoint(str(tmp_path), {"step": step})
+    kept = list_checkpoints(str(tmp_path))
+    assert [os.path.basename(p) for p in kept] == ["ckpt-00004.pt", "ckpt-00005.pt"]
+    assert load_latest(str(tmp_path))[1]["step"] == 4
+
+
+def test_rng_state_round_trip():
+    rng = random.Random(0)
+    state = rng_state(rng)
+    a = (rng.random(), random.random(), torch.rand(3))
+    set_rng_state(rng, state)
+    b = (rng.random(), random.random(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
