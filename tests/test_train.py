@@ -68,6 +68,15 @@ def test_bad_input_is_one_line_no_traceback_nothing_written(tmp_path, args, mess
     assert not out.exists()
 
 
+def test_a_folder_that_is_not_a_checkpoint_is_refused_cleanly(tmp_path):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "config.json").write_text("{not json")
+    r = run_cli("--preset", "smoke", "--out", str(tmp_path / "o"), "--model", str(junk))
+    assert r.returncode == 2 and "cannot load it" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
 def test_bad_jsonl_row_and_missing_image_are_named(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": ')
