@@ -12,6 +12,7 @@ The response mask covers every token up to and including the first EOS; it is bu
 positions, never from token ids (pad may equal EOS).
 """
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,8 @@ def generate_static(model, proc, prompts: list, group_size: int = 1, cfg: Sampli
     G, (B, Lp), T = group_size, batch.input_ids.shape, cfg.max_new_tokens
     N, L = B * G, -(-(Lp + T) // 64) * 64                             # length bucket: multiple of 64
     key = (id(model), N, L, cfg.temperature, cfg.top_p, greedy, device)
+    if key in _STATIC and _STATIC[key]["owner"]() is not model:   # a freed model's id, reused
+        del _STATIC[key]
     if key not in _STATIC:
         dtype = next(model.parameters()).dtype
         _STATIC[key] = {
@@ -177,6 +180,7 @@ def generate_static(model, proc, prompts: list, group_size: int = 1, cfg: Sampli
             "t": torch.zeros((), dtype=torch.long, device=device),
             "prompt_len": torch.zeros((), dtype=torch.long, device=device),
             "graph": None,
+            "owner": weakref.ref(model),   # the graph holds its weights' addresses
         }
     s = _STATIC[key]
 
