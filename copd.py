@@ -73,9 +73,8 @@ def merge_average(models: list):
     """θ = 1/K Σ_k θ^(k): a new model, the branches untouched."""
     merged = copy.deepcopy(models[0])
     with torch.no_grad():
-        for name, param in merged.named_parameters():
-            stacked = torch.stack([dict(m.named_parameters())[name].double() for m in models])
-            param.copy_(stacked.mean(0).to(param.dtype))
+        for param, *branch in zip(merged.parameters(), *(m.parameters() for m in models)):
+            param.copy_(torch.stack([p.double() for p in branch]).mean(0).to(param.dtype))
     return merged
 
 

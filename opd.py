@@ -81,7 +81,7 @@ def teacher_logprobs(teachers: dict, proc, rollout, domains: list, rl: RLConfig,
     """Each row scored by its own domain's teacher: token log-probs (N, T) and the full
     distribution of the first `keep_rows` rows (for the full/topk losses and the metrics)."""
     N, T = rollout.response.shape
-    token_lp = torch.zeros(N, T)
+    token_lp = torch.zeros(N, T, device=rollout.response.device)
     full = {}
     for domain, teacher in teachers.items():
         rows = [i for i in range(N) if domains[i] == domain]

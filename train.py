@@ -321,7 +321,7 @@ def train_copd(run: Run):
                 run.eval(f"copd:{d}", m, i)
         run.end_of_step("copd", i, *named, where=f"CoPD cycle {cycle} {phase} step {in_phase + 1} (update {i})")
     merged = merge_average(list(branches.values()))
-    return merged, branches, cfg
+    return merged, branches
 
 
 def grad_cosine(run: Run, model) -> dict:
@@ -375,7 +375,7 @@ def run_methods(run: Run):
         run.record("mopd", run.eval("mopd", student, T, final=True))
         run.done("mopd")
     if "copd" in wanted and run.todo("copd"):
-        merged, branches, _ = train_copd(run)
+        merged, branches = train_copd(run)
         for d, m in branches.items():
             run.record(f"copd:{d}", run.eval(f"copd:{d}", m, K * T, final=True))
         run.record("copd", run.eval("copd", merged, K * T, final=True))
