@@ -17,11 +17,13 @@ branch (the paper), or all pairs.
 """
 
 import copy
+import hashlib
+import random
 from dataclasses import dataclass
 
 import torch
 
-from opd import OPDConfig, opd_batch
+from opd import OPDConfig, opd_loss, opd_rollout, rows_to_keep, teacher_logprobs
 from rlvr import RLConfig, grpo_batch, update
 
 
@@ -78,25 +80,63 @@ def merge_average(models: list):
     return merged
 
 
-def copd_step(branches: dict, optimizers: dict, proc, batches_for, phase: str,
-              links: dict, rl: RLConfig, opd: OPDConfig) -> dict:
-    """One step of every branch. `batches_for(domain, n)` gives n training prompts of a domain.
-    Phase II builds every branch's batches first, so each teacher is as it was at step start."""
-    stats, plans = {}, {}
-    for d, model in branches.items():
-        native, s = grpo_batch(model, proc, batches_for(d, rl.prompts_per_step), rl)
-        stats[d] = s
-        plans[d] = [native]
-        if phase == "opd":
-            for j in links[d]:
-                batch, o = opd_batch(model, {j: branches[j]}, proc, batches_for(j, opd.prompts_per_step), rl, opd)
-                plans[d].append(batch)
-                stats[d][f"opd_from_{j}"] = o
-    for d, model in branches.items():
-        stats[d].update(update(model, optimizers[d], proc, plans[d], rl))
-    for d in branches:  # the overlap metrics fill in during backward
-        for j in links[d]:
-            if f"opd_from_{j}" in stats[d]:
-                o = stats[d].pop(f"opd_from_{j}")
-                stats[d].update({f"{k}_from_{j}": v for k, v in o.items()})
+def branch_seed(step_seed: int, branch: str, replica: int = 0) -> int:
+    """The seed of one branch's random stream in one step: its prompts and its samples come from
+    it, so a branch trains the same whether it shares this process with the other branches or
+    runs on ranks of its own (parallel.py; `replica` tells apart data-parallel copies)."""
+    key = f"{step_seed}-{branch}" + (f"-{replica}" if replica else "")
+    return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
+
+
+def draw(pools: dict, domain: str, n: int, rng: random.Random) -> list:
+    """n training prompts of `domain` as indices into pools[domain] (indices cross the wire)."""
+    return [rng.randrange(len(pools[domain])) for _ in range(n)]
+
+
+def student_side(model, domain: str, proc, pools: dict, phase: str, links: dict, rl: RLConfig, opd: OPDConfig,
+                 seed: int):
+    """Branch `domain`'s share of a step before any teacher is asked: its native GRPO batch and,
+    in Phase II, its own rollouts on each neighbour's prompts. Returns
+    (native PGBatch, stats, {teacher domain: (prompt indices, rollout, row domains)})."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    native, stats = grpo_batch(model, proc, [pools[domain][i] for i in draw(pools, domain, rl.prompts_per_step, rng)], rl)
+    rollouts = {}
+    if phase == "opd":
+        for j in links[domain]:
+            idx = draw(pools, j, opd.prompts_per_step, rng)
+            rollouts[j] = (idx, *opd_rollout(model, proc, [pools[j][i] for i in idx], rl, opd))
+    return native, stats, rollouts
+
+
+def finish_step(model, optimizer, proc, native, stats: dict, scored: dict, rl: RLConfig, opd: OPDConfig,
+                sync_grads=None) -> dict:
+    """One update of one branch on its native batch and its scored OPD rollouts
+    {teacher domain: (rollout, teacher_lp, teacher_full, teacher_top)}."""
+    batches, opd_stats = [native], {}
+    for j, (rollout, teacher_lp, teacher_full, teacher_top) in scored.items():
+        batch, opd_stats[j] = opd_loss(rollout, teacher_lp, teacher_full, rl, opd, teacher_top)
+        batches.append(batch)
+    stats.update(update(model, optimizer, proc, batches, rl, sync_grads))
+    for j, o in opd_stats.items():   # the overlap metrics filled in during backward
+        stats.update({f"{k}_from_{j}": v for k, v in o.items()})
+    return stats
+
+
+def copd_step(branches: dict, optimizers: dict, proc, pools: dict, phase: str, links: dict,
+              rl: RLConfig, opd: OPDConfig, step_seed: int) -> dict:
+    """One step of every branch, all in this process. Phase II builds every branch's batches
+    first, so each teacher is as it was at step start (bidirectional)."""
+    sides = {d: student_side(m, d, proc, pools, phase, links, rl, opd, branch_seed(step_seed, d))
+             for d, m in branches.items()}
+    stats = {}
+    for d, (native, s, rollouts) in sides.items():
+        scored = {}
+        for j, (_, rollout, domains) in rollouts.items():
+            teacher_lp, teacher_full = teacher_logprobs({j: branches[j]}, proc, rollout, domains, rl,
+                                                        rows_to_keep(opd, rollout))
+            scored[j] = (rollout, teacher_lp, teacher_full, None)
+        sides[d] = (native, s, scored)
+    for d, (native, s, scored) in sides.items():
+        stats[d] = finish_step(branches[d], optimizers[d], proc, native, s, scored, rl, opd)
     return stats

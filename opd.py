@@ -61,8 +61,11 @@ def reverse_kl_topk(student_logp_all, teacher_logp_all, k: int = 10):
 
 def topk_overlap(p_logp_all, q_logp_all, k: int = 10):
     """O_k(s) = |Top_k(p(·|s)) ∩ Top_k(q(·|s))| / k per position (Eq. 6)."""
-    a = p_logp_all.topk(k, dim=-1).indices
-    b = q_logp_all.topk(k, dim=-1).indices
+    return overlap_of_ids(p_logp_all.topk(k, dim=-1).indices, q_logp_all.topk(k, dim=-1).indices)
+
+
+def overlap_of_ids(a, b):
+    """|a ∩ b| / k for two (..., k) sets of token ids."""
     return (a[..., :, None] == b[..., None, :]).any(-1).float().mean(-1)
 
 
@@ -96,36 +99,48 @@ def teacher_logprobs(teachers: dict, proc, rollout, domains: list, rl: RLConfig,
     return token_lp * rollout.mask, full
 
 
-def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
-    """Student rollouts on `examples`, each graded by teachers[example.domain]. Returns
-    (PGBatch, stats) where stats gains top-k overlap and symmetric KL once the batch's
-    backward has run (they need the student's distribution, taken from that same forward)."""
-    missing = {ex.domain for ex in examples} - set(teachers)
-    if missing:
-        raise ValueError(f"no teacher for domain(s) {sorted(missing)}")
+def opd_rollout(student, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
+    """The student's own samples on `examples` (the on-policy half of OPD) and each row's domain."""
     prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
-    n = cfg.samples_per_prompt
-    rollout = generate(student, proc, prompts, n, rl.sampling)
-    domains = [ex.domain for ex in examples for _ in range(n)]
-    keep = rollout.mask.shape[0] if cfg.loss != "sampled" else cfg.metric_rows
-    teacher_lp, teacher_full = teacher_logprobs(teachers, proc, rollout, domains, rl, keep)
+    rollout = generate(student, proc, prompts, cfg.samples_per_prompt, rl.sampling)
+    return rollout, [ex.domain for ex in examples for _ in range(cfg.samples_per_prompt)]
+
+
+def rows_to_keep(cfg: OPDConfig, rollout) -> int:
+    """Rows whose full teacher distribution the loss (full, topk) or the metrics need."""
+    return rollout.mask.shape[0] if cfg.loss != "sampled" else cfg.metric_rows
+
+
+def opd_loss(rollout, teacher_lp, teacher_full: dict, rl: RLConfig, cfg: OPDConfig, teacher_top: dict | None = None):
+    """The OPD batch of a scored rollout. teacher_lp (N, T): log π_T of every sampled token;
+    teacher_full: row -> (T, V) teacher distribution, for the kept rows; or, from another rank,
+    teacher_top: row -> (T, k) the teacher's top-k token ids (the overlap needs no more; the
+    symmetric KL is then not measured). Returns (PGBatch, stats); stats gain top-k overlap
+    (and symmetric KL) once the batch's backward has run: they need the student's distribution,
+    taken from that same forward."""
     delta = (teacher_lp - rollout.logprobs) * rollout.mask
     stats = {"opd_delta": float(delta.sum() / rollout.mask.sum()),   # ≈ −KL(π_θ‖π_T) per token
              "opd_tokens": int(rollout.mask.sum())}
     metric_sums = {"overlap": 0.0, "sym_kl": 0.0, "n": 0.0}
+    kept = teacher_full if teacher_top is None else teacher_top
 
     def record_metrics(logp_all, rows):
-        idx = [i for i in range(rows.start, rows.stop) if i in teacher_full]
+        idx = [i for i in range(rows.start, rows.stop) if i in kept]
         if not idx:
             return
         s = logp_all[[i - rows.start for i in idx]].detach()
-        t = torch.stack([teacher_full[i] for i in idx])
         m = rollout.mask[idx]
-        metric_sums["overlap"] += float((topk_overlap(s, t, cfg.overlap_k) * m).sum())
-        metric_sums["sym_kl"] += float((symmetric_kl(s, t) * m).sum())
+        if teacher_top is None:
+            t = torch.stack([teacher_full[i] for i in idx])
+            metric_sums["overlap"] += float((topk_overlap(s, t, cfg.overlap_k) * m).sum())
+            metric_sums["sym_kl"] += float((symmetric_kl(s, t) * m).sum())
+        else:
+            t = torch.stack([teacher_top[i] for i in idx])
+            metric_sums["overlap"] += float((overlap_of_ids(s.topk(cfg.overlap_k, dim=-1).indices, t) * m).sum())
         metric_sums["n"] += float(m.sum())
         stats["overlap"] = metric_sums["overlap"] / metric_sums["n"]
-        stats["sym_kl"] = metric_sums["sym_kl"] / metric_sums["n"]
+        if teacher_top is None:
+            stats["sym_kl"] = metric_sums["sym_kl"] / metric_sums["n"]
 
     if cfg.loss == "sampled":
         surrogate = surrogate_loss(rollout, opd_advantages(rollout.logprobs, teacher_lp, cfg.beta), rl)
@@ -134,6 +149,9 @@ def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: 
             record_metrics(logp_all, rows)
             return surrogate(logp_all, rows)
     elif cfg.loss in ("full", "topk"):
+        if teacher_top is not None:
+            raise ValueError(f"the {cfg.loss} OPD loss needs the teacher's full distribution")
+
         def token_loss(logp_all, rows):
             record_metrics(logp_all, rows)
             t = torch.stack([teacher_full[i] for i in range(rows.start, rows.stop)])
@@ -143,6 +161,16 @@ def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: 
     else:
         raise ValueError(f"unknown OPD loss '{cfg.loss}' (sampled, full or topk)")
     return PGBatch(rollout, token_loss), stats
+
+
+def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
+    """Student rollouts on `examples`, each graded by teachers[example.domain]: (PGBatch, stats)."""
+    missing = {ex.domain for ex in examples} - set(teachers)
+    if missing:
+        raise ValueError(f"no teacher for domain(s) {sorted(missing)}")
+    rollout, domains = opd_rollout(student, proc, examples, rl, cfg)
+    teacher_lp, teacher_full = teacher_logprobs(teachers, proc, rollout, domains, rl, rows_to_keep(cfg, rollout))
+    return opd_loss(rollout, teacher_lp, teacher_full, rl, cfg)
 
 
 @torch.no_grad()

@@ -110,14 +110,17 @@ class PGBatch:
     token_loss: object        # (logp_all (n, T, V), rows slice) -> ℓ (n, T)
 
 
-def update(model, optimizer, proc, batches: list, cfg: RLConfig) -> dict:
+def update(model, optimizer, proc, batches: list, cfg: RLConfig, sync_grads=None) -> dict:
     """ONE optimizer step on the weighted sum of every batch's token losses. A non-finite
-    loss or gradient skips the step (the caller decides when to give up)."""
+    loss or gradient skips the step (the caller decides when to give up). `sync_grads(model)`
+    runs between backward and step (data-parallel replicas average their gradients there)."""
     weights = loss_weights([b.rollout.mask for b in batches], cfg.loss_agg, cfg.sampling.max_new_tokens)
     optimizer.zero_grad(set_to_none=True)
     model.train()
     loss = sum(backward_tokens(model, proc, b.rollout, w, cfg, b.token_loss) for b, w in zip(batches, weights))
     model.eval()
+    if sync_grads is not None:
+        sync_grads(model)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
     finite = math.isfinite(loss) and math.isfinite(grad_norm)
     if finite:

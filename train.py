@@ -22,11 +22,15 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-from tqdm import tqdm
+
+if int(os.environ.get("RANK", "0")) > 0:   # under torchrun only rank 0 draws progress bars
+    os.environ["TQDM_DISABLE"] = "1"
+from tqdm import tqdm  # noqa: E402 (after the line above)
 
 from checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
-from copd import CoPDConfig, budget_schedule, copd_step, describe, merge_average, neighbours, schedule
+from copd import CoPDConfig, branch_seed, budget_schedule, copd_step, describe, merge_average, neighbours, schedule
 from opd import OPDConfig, divergence, opd_batch
+import parallel
 from policy import TinyConfig, encode_prompt, load_policy
 from report import results_table, write_results
 from rlvr import RLConfig, backward_tokens, grpo_batch, loss_weights, rlvr_step, score, update
@@ -110,8 +114,10 @@ def evaluate(model, proc, examples: list, sampling: SamplingConfig, samples: int
 class Run:
     """Everything one invocation shares: π_0, data, the log, and the results so far."""
 
-    def __init__(self, args, preset: Preset, model0, proc):
+    def __init__(self, args, preset: Preset, model0, proc, layout=None):
         self.args, self.p, self.model0, self.proc = args, preset, model0, proc
+        # under torchrun every rank keeps the same results; rank 0 alone writes them
+        self.layout, self.writer = layout, layout is None or layout.rank == 0
         self.domains = args.experts
         self.rng = random.Random(args.seed)
         self.train = {d: load_domain(d, "train", preset.train_pool, args.seed, preset.difficulty, args.data)
@@ -141,7 +147,7 @@ class Run:
                     kept = f.readlines()[:self.lines]
                 with open(metrics, "w") as f:
                     f.writelines(kept)
-        self.log_file = open(metrics, "a" if self.resume else "w")
+        self.log_file = open(metrics if self.writer else os.devnull, "a" if self.resume else "w")
         self.t0 = time.time()
 
     # -- stages, checkpoints and resuming
@@ -203,9 +209,16 @@ class Run:
 
     def eval(self, name: str, model, step: int, final: bool = False):
         """Accuracy of `model` on every domain; logged, and kept for the curves."""
+        return self.note_eval(name, step, final, self.measure(name, model, step, final))
+
+    def measure(self, name: str, model, step: int, final: bool = False):
         size = self.p.eval_size if final else self.p.curve_eval_size
-        accs = {d: evaluate(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
+        # its own seed: the same samples whichever process evaluates (parallel.py)
+        torch.manual_seed(branch_seed(f"{self.args.seed}:eval:{step}:{final}", name))
+        return {d: evaluate(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
                             self.p.eval_samples if final else 0) for d in self.domains}
+
+    def note_eval(self, name: str, step: int, final: bool, accs: dict):
         self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)
         if not final:   # the final eval uses a larger set: it would put a jump at the curve's end
             self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
@@ -289,39 +302,66 @@ def log_divergence(run: Run, method: str, step: int, student, teacher, pair: str
     run.divergence.setdefault(method, {}).setdefault(pair, []).append((step, div))
 
 
+def eval_spread(run: Run, models: dict, step: int, final: bool = False) -> dict:
+    """run.eval of each {name: model}. Under torchrun each rank passes the models it owns (a
+    branch's first replica its branch); every rank learns every result, rank 0 logs them."""
+    if run.layout is None:
+        return {name: run.eval(name, m, step, final) for name, m in models.items()}
+    mine = {name: run.measure(name, m, step, final) for name, m in models.items()}
+    everyone = {name: accs for part in parallel.gather(mine, "an evaluation") for name, accs in part.items()}
+    return {name: run.note_eval(name, step, final, accs) for name, accs in everyone.items()}
+
+
 def train_copd(run: Run):
+    """CoPD's branches, all in this process, or under torchrun this rank's branch only
+    (parallel.py); either way each branch trains the same."""
     K, T = len(run.domains), run.p.steps
     rl_steps, opd_steps = budget_schedule(K * T, run.p.cycles)
     cfg = CoPDConfig(cycles=run.p.cycles, rl_steps=rl_steps, opd_steps=opd_steps,
                      topology=run.args.topology)
-    print(describe(cfg, run.domains))
+    if run.writer:
+        print(describe(cfg, run.domains))
     links = neighbours(run.domains, cfg.topology, cfg.hub)
-    branches = {d: copy.deepcopy(run.model0) for d in run.domains}
+    layout = run.layout
+    mine = run.domains if layout is None else [layout.branch]
+    branches = {d: copy.deepcopy(run.model0) for d in mine}
     opts = {d: run.optimizer(m) for d, m in branches.items()}
     named = ({f"copd:{d}": m for d, m in branches.items()}, {f"copd:{d}": o for d, o in opts.items()})
+    # the models this rank evaluates: under torchrun, a branch's first replica
+    evaluated = named[0] if layout is None or layout.replica == 0 else {}
     steps = schedule(cfg)
     start = run.begin_loop("copd", *named)
     if start == 0:
-        for d, m in branches.items():
-            run.eval(f"copd:{d}", m, 0)
+        eval_spread(run, evaluated, 0)
     for i, (cycle, phase, in_phase) in enumerate(tqdm(steps, desc="CoPD", leave=False), 1):
         if i <= start:
             continue
-        stats = copd_step(branches, opts, run.proc, run.prompts, phase, links, run.p.rl, run.p.opd)
+        step_seed = f"{run.args.seed}:copd:{i}"
+        if layout is None:
+            stats = copd_step(branches, opts, run.proc, run.train, phase, links, run.p.rl, run.p.opd, step_seed)
+        else:
+            (d,) = mine
+            own = parallel.copd_step(layout, branches[d], opts[d], run.proc, run.train, phase, links,
+                                     run.p.rl, run.p.opd, step_seed)
+            stats = {b: s for b, r, s in parallel.gather((d, layout.replica, own), "the step's statistics") if r == 0}
         for d, s in stats.items():
             run.log(kind="train", model=f"copd:{d}", step=i, cycle=cycle, phase=phase, **s)
-        if i % run.p.divergence_every == 0 or i == len(steps):
+        # the divergence probes need two branches in one process; across ranks the OPD
+        # batches' own overlap (overlap_from_*) is the measure
+        if layout is None and (i % run.p.divergence_every == 0 or i == len(steps)):
             for a in run.domains:
                 for b in links[a]:
                     if a < b:
                         log_divergence(run, "copd", i, branches[a], branches[b], f"{a}~{b}", a)
                 log_divergence(run, "copd", i, branches[a], run.model0, f"{a}~base", a)
         if i % run.p.eval_every == 0:
-            for d, m in branches.items():
-                run.eval(f"copd:{d}", m, i)
+            eval_spread(run, evaluated, i)
         run.end_of_step("copd", i, *named, where=f"CoPD cycle {cycle} {phase} step {in_phase + 1} (update {i})")
-    merged = merge_average(list(branches.values()))
-    return merged, branches
+    if layout is None:
+        merged = merge_average(list(branches.values()))
+    else:
+        merged = parallel.merge_average(layout, branches[mine[0]])
+    return merged, {d: m for d, m in branches.items() if f"copd:{d}" in evaluated}
 
 
 def grad_cosine(run: Run, model) -> dict:
@@ -376,9 +416,10 @@ def run_methods(run: Run):
         run.done("mopd")
     if "copd" in wanted and run.todo("copd"):
         merged, branches = train_copd(run)
-        for d, m in branches.items():
-            run.record(f"copd:{d}", run.eval(f"copd:{d}", m, K * T, final=True))
-        run.record("copd", run.eval("copd", merged, K * T, final=True))
+        for name, accs in eval_spread(run, {f"copd:{d}": m for d, m in branches.items()}, K * T, True).items():
+            run.record(name, accs)
+        merged_here = {"copd": merged} if run.writer else {}   # under torchrun: rank 0
+        run.record("copd", eval_spread(run, merged_here, K * T, True)["copd"])
         run.done("copd")
 
 
@@ -400,6 +441,8 @@ def parse_args(argv=None):
     ap.add_argument("--advantage", default=None, help="grpo | dr_grpo")
     ap.add_argument("--topology", default="hub", help="hub | all-pairs (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dist-timeout", type=float, default=900,
+                    help="under torchrun: seconds a rank waits for the others before giving up")
     args = ap.parse_args(argv)
     return args
 
@@ -455,17 +498,55 @@ def load_base(args, preset: Preset):
             return load_policy(args.model, device=args.device)
         except (OSError, ValueError, KeyError) as e:
             raise UsageError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
-    return warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed)
+    return warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed,
+                      device=args.device)
+
+
+def start_ranks(args, preset: Preset):
+    """Under torchrun: join the process group; each rank will hold one CoPD branch (parallel.py)."""
+    if args.method != "copd":
+        raise UsageError(f"under torchrun only --method copd runs (its branches are what the ranks "
+                         f"split); run --method {args.method} as one process")
+    if args.resume:
+        raise UsageError("--resume is not available under torchrun: rerun, or run as one process")
+    if preset.opd.loss != "sampled":
+        raise UsageError(f"--opd-loss {preset.opd.loss} needs whole teacher distributions, which "
+                         "ranks do not exchange: use --opd-loss sampled under torchrun")
+    args.ckpt_every = 0   # checkpoints hold every branch: one process only
+    try:
+        layout = parallel.start(args.experts, args.dist_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return layout
 
 
 def main(argv=None):
     args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        code = _main(args, rank)
+    except parallel.PeerError as e:
+        parallel.give_up(e)
+    parallel.stop()
+    return code
+
+
+def _main(args, rank: int):
+    layout = None
     try:
         preset = validate(args)
         # data and model load before OUT exists: bad input leaves nothing behind
         for domain, path in args.data.items():
             load_domain(domain, "train", 1, args.seed, preset.difficulty, args.data)
+        if parallel.world_size() > 1:
+            layout = start_ranks(args, preset)
+        if rank > 0:   # rank 0 builds (or loads) π_0 first; the others then load it from the cache
+            parallel.barrier("the warm start")
         model0, proc = load_base(args, preset)
+        if layout is not None and rank == 0:
+            parallel.barrier("the warm start")
         # seeded after π_0 exists: building it reseeds torch, loading it from the cache does not
         torch.manual_seed(args.seed)
         random.seed(args.seed)
@@ -473,15 +554,19 @@ def main(argv=None):
             raise UsageError(f"--model {args.model} is text-only: it cannot learn "
                              f"{', '.join(d for d in args.experts if d != 'text')}")
     except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    tmp_out = not os.path.exists(args.out)
-    os.makedirs(args.out, exist_ok=True)
+    writer = rank == 0
+    tmp_out = writer and not os.path.exists(args.out)
+    if writer:
+        os.makedirs(args.out, exist_ok=True)
     try:
-        run = Run(args, preset, model0, proc)
+        run = Run(args, preset, model0, proc, layout)
         run.log(kind="config", args={k: v for k, v in vars(args).items()}, preset=asdict(preset))
         run_methods(run)
-        write_results(run)
+        if writer:
+            write_results(run)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         if tmp_out:
@@ -490,10 +575,11 @@ def main(argv=None):
     except TrainingError as e:   # keep metrics.jsonl: it shows what went wrong
         print(f"error: {e}", file=sys.stderr)
         return 3
-    print()
-    print(results_table(run))
-    print(f"\nwrote {args.out}/results.json, results.md, curves.png, metrics.jsonl "
-          f"({(time.time() - run.t0) / 60:.1f} min)")
+    if writer:
+        print()
+        print(results_table(run))
+        print(f"\nwrote {args.out}/results.json, results.md, curves.png, metrics.jsonl "
+              f"({(time.time() - run.t0) / 60:.1f} min)")
     return 0
 
 

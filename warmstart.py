@@ -24,7 +24,7 @@ from tasks import DOMAINS, builtin_examples
 
 @dataclass
 class WarmStartConfig:
-    steps: int = 1500
+    steps: int = 500
     batch_size: int = 48           # an equal share of every domain
     lr: float = 3e-3
     difficulty: int = 2
@@ -41,8 +41,9 @@ def sft_loss(model, proc, examples):
     eos = proc.eos_ids[0]
     targets = [proc.tokenizer(ex.target(), add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
     T = max(map(len, targets))
-    response = torch.full((len(targets), T), proc.pad_id, dtype=torch.long)
-    mask = torch.zeros(len(targets), T)
+    device = next(model.parameters()).device
+    response = torch.full((len(targets), T), proc.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(targets), T, device=device)
     for i, t in enumerate(targets):
         response[i, :len(t)] = torch.tensor(t)
         mask[i, :len(t)] = 1
@@ -51,14 +52,14 @@ def sft_loss(model, proc, examples):
     return (nll * mask.flatten()).sum() / mask.sum()
 
 
-def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = False):
-    """π_0 (model, processor): loaded from the cache, or trained and cached."""
+def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = False, device="cpu"):
+    """π_0 (model, processor) on `device`: loaded from the cache, or trained (there) and cached."""
     key = hashlib.sha1(json.dumps([asdict(tiny), asdict(cfg), seed], sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(cache_dir(), f"pi0-{key}")
     if os.path.isfile(os.path.join(path, "config.json")):
-        return load_policy(path)
+        return load_policy(path, device=device)
     tokenizer = build_tokenizer()
-    model = build_tiny_policy(tokenizer, tiny, seed)
+    model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)
     data = {d: builtin_examples(d, "train", cfg.train_examples, seed, cfg.difficulty) for d in DOMAINS}
     rng = random.Random(seed)
@@ -86,4 +87,4 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
         os.replace(tmp, path)
     except OSError:  # another run finished the same π_0 first
         shutil.rmtree(tmp, ignore_errors=True)
-    return load_policy(path)
+    return load_policy(path, device=device)

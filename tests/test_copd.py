@@ -58,23 +58,32 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
     signature = lambda m: float(sum(p.detach().double().sum() for p in m.parameters()))
     at_start = {d: signature(m) for d, m in branches.items()}
     calls = []
-    real = copd.opd_batch
+    real = copd.teacher_logprobs
 
-    def spy(student, teachers, proc_, examples, rl, opd):
+    def spy(teachers, proc_, rollout, row_domains, rl, keep):
         (teacher_domain, teacher), = teachers.items()
-        calls.append((student, teacher_domain, teacher, {e.domain for e in examples}))
+        calls.append((teacher_domain, teacher, set(row_domains)))
         assert signature(teacher) == at_start[teacher_domain]      # the teacher has not moved yet
-        return real(student, teachers, proc_, examples, rl, opd)
-    monkeypatch.setattr(copd, "opd_batch", spy)
+        return real(teachers, proc_, rollout, row_domains, rl, keep)
+    monkeypatch.setattr(copd, "teacher_logprobs", spy)
+    real_rollout = copd.opd_rollout
+
+    def spy_rollout(student, *a):
+        rollout, row_domains = real_rollout(student, *a)
+        students.append(student)
+        return rollout, row_domains
+    students = []
+    monkeypatch.setattr(copd, "opd_rollout", spy_rollout)
     rl = RLConfig(prompts_per_step=2, group_size=2, lr=1e-2, sampling=SamplingConfig(max_new_tokens=4))
     opd = OPDConfig(prompts_per_step=2, samples_per_prompt=1)
     links = neighbours(domains)
     opts = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in branches.items()}
-    prompts = lambda d, n: builtin_examples(d, "train", n, 0)
-    stats = copd_step(branches, opts, proc, prompts, "opd", links, rl, opd)
+    pools = {d: builtin_examples(d, "train", 8, 0) for d in domains}
+    stats = copd_step(branches, opts, proc, pools, "opd", links, rl, opd, step_seed=0)
     owner = {id(m): d for d, m in branches.items()}
     seen = set()
-    for student, teacher_domain, teacher, example_domains in calls:
+    assert len(students) == len(calls)
+    for student, (teacher_domain, teacher, example_domains) in zip(students, calls):
         student_domain = owner[id(student)]
         assert teacher is branches[teacher_domain] and teacher is not student       # never itself
         assert example_domains == {teacher_domain}                                   # on the teacher's domain
@@ -85,5 +94,30 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
     assert "overlap_from_text" in stats["image"]
     # Phase I: no OPD at all
     calls.clear()
-    copd_step(branches, opts, proc, prompts, "rl", links, rl, opd)
+    copd_step(branches, opts, proc, pools, "rl", links, rl, opd, step_seed=1)
     assert calls == []
+
+
+def test_a_branch_steps_the_same_whatever_runs_beside_it(tiny):
+    """Each branch draws from its own seeded stream, which is what lets parallel.py put branches
+    on ranks of their own and still train each exactly as one process would: here the branches
+    step in the opposite order and nothing changes."""
+    model, proc = tiny
+    rl = RLConfig(prompts_per_step=2, group_size=2, sampling=SamplingConfig(max_new_tokens=4))
+    opd = OPDConfig(prompts_per_step=2, samples_per_prompt=2)
+    pools = {d: builtin_examples(d, "train", 8, 0) for d in ("text", "image")}
+    links = neighbours(["text", "image"])
+
+    def one_step(order):
+        branches = {d: copy.deepcopy(model) for d in order}
+        with torch.no_grad():
+            branches["image"].lm_head.weight.mul_(1.5)   # a teacher that disagrees
+        opts = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in branches.items()}
+        copd_step(branches, opts, proc, pools, "opd", links, rl, opd, step_seed=7)
+        return branches
+
+    forward, backward = one_step(["text", "image"]), one_step(["image", "text"])
+    assert not torch.equal(forward["text"].lm_head.weight, model.lm_head.weight)
+    for d in ("text", "image"):
+        for a, b in zip(forward[d].parameters(), backward[d].parameters()):
+            assert torch.equal(a, b)

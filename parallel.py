@@ -1,0 +1,188 @@
+"""
+CoPD across processes: the paper's parallel branches as one process group per branch.
+
+    torchrun --nproc_per_node 2 train.py --experts text,image --method copd    # a branch per rank
+    torchrun --nproc_per_node 4 train.py --experts text,image --method copd    # 2 replicas per branch
+
+With W ranks and K branches (W a multiple of K) every branch has R = W/K data-parallel replicas:
+rank r holds branch r // R, replica r % R. What crosses the wire, and when:
+
+  Phase I   GRPO on the branch's own domain. No traffic, but for the replicas of a branch
+            averaging their gradients (one all_reduce of the parameters' size per update).
+  Phase II  Each rank samples its rollouts on its teachers' prompts, then
+              1. all_gather: (teacher domain, prompt indices, response ids, masks) of every rank;
+              2. each rank scores, with its own weights, the rollouts addressed to it (its domain,
+                 same replica index): per-token teacher log-probs, and the top-k ids of the
+                 metric rows (the overlap needs no more);
+              3. all_gather of those answers; each student takes its own.
+            Prompts travel as indices: every rank holds the same prompt pools.
+  Merge     all_reduce of the parameters (in float64), divided by W: the uniform average.
+
+Each branch draws its prompts and samples from its own stream (copd.branch_seed), so a branch
+trains exactly as it would in a single process: tests/test_parallel.py checks that results.json
+of a 2-rank run equals the single-process one. A rank that dies or stalls makes the others
+raise PeerError (the collectives time out after --dist-timeout seconds) instead of hanging.
+"""
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from copd import branch_seed, finish_step, student_side
+from opd import rows_to_keep, teacher_logprobs
+from policy import encode_prompt
+from rollout import Rollout
+
+
+class PeerError(RuntimeError):
+    """Another rank died or stopped answering: training cannot go on."""
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class Layout:
+    """Who holds what: rank -> (branch, replica), and the process group of each branch."""
+    rank: int
+    world: int
+    domains: list
+    groups: list                   # one process group per branch (its replicas)
+
+    @property
+    def replicas(self) -> int:
+        return self.world // len(self.domains)
+
+    @property
+    def branch(self) -> str:
+        return self.domains[self.rank // self.replicas]
+
+    @property
+    def replica(self) -> int:
+        return self.rank % self.replicas
+
+    def rank_of(self, branch: str, replica: int) -> int:
+        return self.domains.index(branch) * self.replicas + replica
+
+
+def start(domains: list, timeout_s: float) -> Layout:
+    """Join the process group torchrun set up (gloo on CPU, NCCL on GPUs)."""
+    world = world_size()
+    if world % len(domains):
+        raise ValueError(f"{world} ranks do not split evenly over {len(domains)} branches "
+                         f"({', '.join(domains)}): use a multiple of {len(domains)}")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    replicas = world // len(domains)
+    # every rank creates every group, in the same order (torch.distributed requires it)
+    groups = [dist.new_group(list(range(k * replicas, (k + 1) * replicas))) for k in range(len(domains))]
+    return Layout(dist.get_rank(), world, list(domains), groups)
+
+
+def stop():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def give_up(error: PeerError, code: int = 4):
+    """Print the error and leave at once: the process group's threads may still be waiting on
+    the lost rank, and tearing them down the normal way can hang or abort."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _collective(what: str, fn):
+    try:
+        return fn()
+    except (RuntimeError, ValueError, OSError) as e:   # gloo and NCCL raise RuntimeError subclasses
+        raise PeerError(f"rank {dist.get_rank()}: lost the other ranks during {what} "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def gather(obj, what: str) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    _collective(what, lambda: dist.all_gather_object(out, obj))
+    return out
+
+
+def barrier(what: str):
+    _collective(what, dist.barrier)
+
+
+# -----------------------------------------------------------------------------
+# one CoPD step of this rank's branch
+
+def average_gradients(layout: Layout, model):
+    """The replicas of a branch average their gradients: one flat all_reduce."""
+    params = list(model.parameters())
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+    _collective("the gradient average", lambda: dist.all_reduce(flat, group=layout.groups[layout.domains.index(layout.branch)]))
+    flat /= layout.replicas
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def score_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, rl, opd) -> dict:
+    """Phase II's exchange. rollouts: {teacher domain: (prompt indices, rollout, row domains)} of
+    this rank's student. Returns {teacher domain: (rollout, teacher_lp, None, teacher_top)}."""
+    device = next(model.parameters()).device
+    asks = [(j, idx, r.response.cpu(), r.mask.cpu()) for j, (idx, r, _) in rollouts.items()]
+    everyone = gather(asks, "the Phase II rollout exchange")
+    answers = {}
+    for src, src_asks in enumerate(everyone):
+        if src % layout.replicas != layout.replica:
+            continue
+        for j, idx, response, mask in src_asks:
+            if j != layout.branch:
+                continue
+            n = response.shape[0] // len(idx)
+            prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in (pools[j][i] for i in idx)]
+            rollout = Rollout([p for p in prompts for _ in range(n)], response.to(device), None, mask.to(device), [], n)
+            lp, full = teacher_logprobs({j: model}, proc, rollout, [j] * response.shape[0], rl,
+                                        rows_to_keep(opd, rollout))
+            top = {row: f.topk(opd.overlap_k, dim=-1).indices.cpu() for row, f in full.items()}
+            answers[src] = (lp.cpu(), top)
+    replies = gather(answers, "the return of teacher log-probs")
+    scored = {}
+    for j, (_, rollout, _) in rollouts.items():
+        lp, top = replies[layout.rank_of(j, layout.replica)][layout.rank]
+        scored[j] = (rollout, lp.to(device), None, {row: t.to(device) for row, t in top.items()})
+    return scored
+
+
+def copd_step(layout: Layout, model, optimizer, proc, pools: dict, phase: str, links: dict, rl, opd,
+              step_seed) -> dict:
+    """This rank's share of copd.copd_step: same batches, same update, for its branch only."""
+    d = layout.branch
+    if phase == "opd" and opd.loss != "sampled":
+        raise ValueError(f"across ranks CoPD sends per-token teacher log-probs only: the {opd.loss} "
+                         "OPD loss needs whole distributions (use --opd-loss sampled)")
+    native, stats, rollouts = student_side(model, d, proc, pools, phase, links, rl, opd,
+                                           branch_seed(step_seed, d, layout.replica))
+    scored = score_for_others(layout, model, proc, pools, rollouts, rl, opd) if phase == "opd" else {}
+    sync = (lambda m: average_gradients(layout, m)) if layout.replicas > 1 else None
+    return finish_step(model, optimizer, proc, native, stats, scored, rl, opd, sync)
+
+
+def merge_average(layout: Layout, model):
+    """θ = 1/K Σ_k θ^(k) as one all_reduce (replicas hold equal weights, so dividing the sum
+    over all W ranks by W is the same average). Float64, as copd.merge_average."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in merged.parameters():
+            total = p.detach().double()
+            _collective("the final merge", lambda: dist.all_reduce(total))
+            p.copy_((total / layout.world).to(p.dtype))
+    return merged
