@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from opd import OPDConfig, opd_loss, opd_rollout, rows_to_keep, teacher_logprobs
+from policy import folded
 from rlvr import RLConfig, grpo_batch, update
 
 
@@ -72,7 +73,8 @@ def describe(cfg: CoPDConfig, domains: list) -> str:
 
 
 def merge_average(models: list):
-    """θ = 1/K Σ_k θ^(k): a new model, the branches untouched."""
+    """θ = 1/K Σ_k θ^(k): a new model, the branches untouched (LoRA branches folded first)."""
+    models = [folded(m) for m in models]
     merged = copy.deepcopy(models[0])
     with torch.no_grad():
         for param, *branch in zip(merged.parameters(), *(m.parameters() for m in models)):

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from copd import branch_seed, finish_step, student_side
 from opd import rows_to_keep, teacher_logprobs
-from policy import encode_prompt
+from policy import encode_prompt, folded
 from rollout import Rollout
 
 
@@ -179,7 +179,7 @@ def copd_step(layout: Layout, model, optimizer, proc, pools: dict, phase: str, l
 def merge_average(layout: Layout, model):
     """θ = 1/K Σ_k θ^(k) as one all_reduce (replicas hold equal weights, so dividing the sum
     over all W ranks by W is the same average). Float64, as copd.merge_average."""
-    merged = copy.deepcopy(model)
+    merged = copy.deepcopy(folded(model))   # LoRA: adapters folded into the weights first
     with torch.no_grad():
         for p in merged.parameters():
             total = p.detach().double()

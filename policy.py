@@ -15,10 +15,12 @@ Everything model-specific lives here, in one place:
   - `mm_token_type_ids` (text 0, image 1, video 2), which newer Qwen-VL forwards ask for.
 """
 
+import copy
 import inspect
 import json
 import os
 import string
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -250,12 +252,17 @@ def collate(prompts: list, pad_id: int) -> PromptBatch:
 # -----------------------------------------------------------------------------
 # the forward pass, with every version and architecture difference handled here
 
+def core(model):
+    """The transformers model itself: a LoRA (peft) wrapper injects its adapters into it."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _accepts(model, name):
-    return name in inspect.signature(model.forward).parameters
+    return name in inspect.signature(core(model).forward).parameters
 
 
 def mm_token_type_ids(model, input_ids):
-    cfg = model.config
+    cfg = core(model).config
     types = torch.zeros_like(input_ids, dtype=torch.int)
     types[input_ids == getattr(cfg, "image_token_id", -1)] = 1
     types[input_ids == getattr(cfg, "video_token_id", -1)] = 2
@@ -265,7 +272,7 @@ def mm_token_type_ids(model, input_ids):
 def position_ids(model, input_ids, attention_mask, vision):
     """Positions that start at each row's first real token. M-RoPE models: (3, B, L) from the
     model's own rope index; text models: (B, L)."""
-    inner = getattr(model, "model", None)
+    inner = getattr(core(model), "model", None)
     if hasattr(inner, "get_rope_index"):
         videos = vision.get("video_grid_thw")
         pos, _ = inner.get_rope_index(
@@ -290,13 +297,13 @@ def forward(model, input_ids, attention_mask, positions, cache=None, vision=None
     cache_kw = "cache" if _accepts(model, "cache") else "past_key_values"
     if cache is not None:
         kwargs[cache_kw] = cache
-    out = model(**kwargs)
+    out = core(model)(**kwargs)
     return out.logits, out.get(cache_kw)
 
 
 def new_cache(model):
     from transformers import DynamicCache
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=core(model).config)
 
 
 # -----------------------------------------------------------------------------
@@ -319,6 +326,51 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu"):
         with open(pre_file) as f:
             pre = json.load(f)
     return model, make_processor(tokenizer, model, pre)
+
+
+# -----------------------------------------------------------------------------
+# memory options for real models: bf16 weights (load_policy's dtype), gradient checkpointing,
+# LoRA experts that share one frozen base
+
+LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"   # the LM, not the vision tower
+
+
+def prepare_for_training(model, lora_rank: int = 0, grad_ckpt: bool = False):
+    """π_0 as every method will copy it: with gradient checkpointing (activations recomputed in
+    backward) and/or LoRA adapters of rank `lora_rank` on the language model's linear layers
+    (the base frozen). LoRA needs peft, imported only here."""
+    if grad_ckpt:   # transformers ≥ 5.2x renamed it (the old name warns)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora_rank:
+        try:
+            import peft
+        except ImportError:
+            raise ValueError("--lora-rank needs peft (pip install peft)") from None
+        # peft still asks for the old name; the warning is theirs to fix, not the user's
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                 target_modules=LORA_TARGETS)
+        model = peft.get_peft_model(model, config)
+    return model
+
+
+def clone_policy(model):
+    """A trainable copy of `model` (an expert, a branch, a student). Frozen parameters (a LoRA
+    base) stay shared with `model`: K LoRA experts hold the base weights once."""
+    shared = {id(p): p for p in model.parameters() if not p.requires_grad}   # deepcopy's memo: not copied
+    return copy.deepcopy(model, shared)
+
+
+def folded(model):
+    """A plain transformers model with any LoRA adapters folded into its weights (a copy):
+    what merging or saving a LoRA expert needs, since averaging A and B apart is not
+    averaging their product."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def save_policy(model, proc: Processor, path: str):

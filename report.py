@@ -19,6 +19,52 @@ def budgets(run) -> dict:
             "copd": f"{K * T} steps per branch ({K} branches), merged by averaging"}
 
 
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
+        n_bytes /= 1024
+
+
+def model_copies(method: str, K: int) -> tuple:
+    """(trained, frozen) model copies a method holds at its peak. Frozen: π_0 (kept for the
+    evals) and finished experts / teachers. `all` peaks in CoPD with the experts still kept."""
+    return {"base": (0, 1), "rlvr": (1, K), "experts": (1, K), "mixed": (1, 1), "opd": (1, K + 1),
+            "mopd": (1, K + 1), "copd": (K, 1), "all": (K, K + 1)}[method]
+
+
+def memory_plan(run, prompt_len: int) -> str:
+    """An estimate, from the sizes, of what the chosen method holds at its peak: every trained
+    copy's weights, gradients and two AdamW moments; every frozen copy's weights (a LoRA base
+    is shared by all copies: held once); the KV cache of the largest rollout batch. Not counted:
+    the activations of backward (they scale with --micro-batch; --grad-ckpt cuts them)."""
+    from policy import core
+    params = list(run.model0.parameters())
+    own = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    shared = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
+    K = len(run.domains)
+    trained, frozen = model_copies(run.args.method, K)
+    if run.layout is not None:   # under torchrun: one branch per rank
+        trained, frozen = 1, 1
+    text = getattr(core(run.model0).config, "text_config", core(run.model0).config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    tokens = prompt_len + run.p.rl.sampling.max_new_tokens
+    rows = max(run.p.rl.prompts_per_step * run.p.rl.group_size, run.p.opd.prompts_per_step * run.p.opd.samples_per_prompt)
+    per_row = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * tokens * params[0].element_size()
+    parts = [("trained copy: weights, gradients, AdamW", 4 * own, trained),
+             ("frozen copy (π_0, experts, teachers)", own, frozen),
+             (f"KV cache: {rows} rows x {tokens} tokens", per_row * rows, 1)]
+    if shared:
+        parts.insert(0, ("LoRA base (frozen, shared)", shared, 1))
+    total = sum(each * n for _, each, n in parts)
+    lines = [f"Memory plan (--method {run.args.method}, {K} experts, {params[0].dtype}"
+             + (", per rank" if run.layout is not None else "") + "):",
+             "| part | each | copies | total |", "|---|---|---|---|"]
+    lines += [f"| {name} | {_size(each)} | {n} | {_size(each * n)} |" for name, each, n in parts]
+    lines.append(f"| all (without backward's activations) | | | {_size(total)} |")
+    return "\n".join(lines)
+
+
 def results_table(run) -> str:
     cols = run.domains + ["average"]
     rows = [k for k in run.results if not k.startswith("_")]

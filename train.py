@@ -12,7 +12,6 @@ seed) and OUT/curves.png.
 """
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -31,8 +30,8 @@ from checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint
 from copd import CoPDConfig, branch_seed, budget_schedule, copd_step, describe, merge_average, neighbours, schedule
 from opd import OPDConfig, divergence, opd_batch
 import parallel
-from policy import TinyConfig, encode_prompt, load_policy
-from report import results_table, write_results
+from policy import TinyConfig, clone_policy, encode_prompt, load_policy, prepare_for_training
+from report import memory_plan, results_table, write_results
 from rlvr import RLConfig, backward_tokens, grpo_batch, loss_weights, rlvr_step, score, update
 from rollout import SamplingConfig, generate
 from tasks import DOMAINS, DataError, load_domain
@@ -140,7 +139,7 @@ class Run:
                 self.curves, self.divergence = snap["curves"], snap["divergence"]
                 self.skipped_in_a_row = snap["skipped"]
                 for name, state in snap["models"].items():
-                    self.models[name] = copy.deepcopy(model0)
+                    self.models[name] = clone_policy(model0)
                     self.models[name].load_state_dict(state)
                 self.lines = snap["metrics_lines"]
                 with open(metrics) as f:   # drop what was logged after the checkpoint
@@ -232,7 +231,8 @@ class Run:
             self.results.setdefault("_sampled", {})[method] = {d: round(a["sampled"], 4) for d, a in accs.items()}
 
     def optimizer(self, model):
-        return torch.optim.AdamW(model.parameters(), lr=self.p.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        trainable = [p for p in model.parameters() if p.requires_grad]   # with LoRA: the adapters
+        return torch.optim.AdamW(trainable, lr=self.p.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def train_experts(run: Run):
     for d in run.domains:
         name = f"expert:{d}"
         if run.todo(name):
-            expert = train_rlvr(run, name, copy.deepcopy(run.model0), [d], run.p.steps)
+            expert = train_rlvr(run, name, clone_policy(run.model0), [d], run.p.steps)
             run.record(name, run.eval(name, expert, run.p.steps, final=True))
             run.done(name, **{name: expert})
     experts = {d: run.models[f"expert:{d}"] for d in run.domains}
@@ -324,7 +324,7 @@ def train_copd(run: Run):
     links = neighbours(run.domains, cfg.topology, cfg.hub)
     layout = run.layout
     mine = run.domains if layout is None else [layout.branch]
-    branches = {d: copy.deepcopy(run.model0) for d in mine}
+    branches = {d: clone_policy(run.model0) for d in mine}
     opts = {d: run.optimizer(m) for d, m in branches.items()}
     named = ({f"copd:{d}": m for d, m in branches.items()}, {f"copd:{d}": o for d, o in opts.items()})
     # the models this rank evaluates: under torchrun, a branch's first replica
@@ -390,12 +390,12 @@ def run_methods(run: Run):
     if run.todo("base"):
         run.record("base", run.eval("base", run.model0, 0, final=True))
         if K >= 2 and method in ("all", "mixed"):
-            run.results["_grad_cosine"] = grad_cosine(run, copy.deepcopy(run.model0))
+            run.results["_grad_cosine"] = grad_cosine(run, clone_policy(run.model0))
         run.done("base")
     if any(m in wanted for m in ("experts", "opd", "mopd")):
         experts = train_experts(run)
     if "mixed" in wanted and run.todo("mixed"):
-        mixed = train_rlvr(run, "mixed", copy.deepcopy(run.model0), run.domains, K * T)
+        mixed = train_rlvr(run, "mixed", clone_policy(run.model0), run.domains, K * T)
         run.record("mixed", run.eval("mixed", mixed, K * T, final=True))
         run.done("mixed")
     if "opd" in wanted:
@@ -403,7 +403,7 @@ def run_methods(run: Run):
         for a, b in directions:  # a teaches b, on a's domain
             name = f"opd:{a}->{b}"
             if run.todo(name):
-                student = train_distill(run, name, copy.deepcopy(experts[b]), {a: experts[a]}, [a], T)
+                student = train_distill(run, name, clone_policy(experts[b]), {a: experts[a]}, [a], T)
                 run.record(name, run.eval(name, student, T, final=True))
                 run.done(name)
         # the summary row: the mean over directions (the paper reports each; so do we)
@@ -411,7 +411,7 @@ def run_methods(run: Run):
         run.results["opd"] = {d: round(sum(r[d] for r in rows) / len(rows), 4) for d in run.domains}
         run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / K, 4)
     if "mopd" in wanted and run.todo("mopd"):
-        student = train_distill(run, "mopd", copy.deepcopy(run.model0), experts, run.domains, T)
+        student = train_distill(run, "mopd", clone_policy(run.model0), experts, run.domains, T)
         run.record("mopd", run.eval("mopd", student, T, final=True))
         run.done("mopd")
     if "copd" in wanted and run.todo("copd"):
@@ -441,6 +441,9 @@ def parse_args(argv=None):
     ap.add_argument("--advantage", default=None, help="grpo | dr_grpo")
     ap.add_argument("--topology", default="hub", help="hub | all-pairs (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16: the weights' dtype (bf16 halves them)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing: recompute activations in backward")
+    ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (needs peft); 0: all weights")
     ap.add_argument("--dist-timeout", type=float, default=900,
                     help="under torchrun: seconds a rank waits for the others before giving up")
     args = ap.parse_args(argv)
@@ -461,6 +464,10 @@ def validate(args):
         raise UsageError(f"--method {args.method} needs at least two experts, e.g. --experts text,image")
     if args.preset not in presets():
         raise UsageError(f"unknown preset '{args.preset}' (choose from {', '.join(presets())})")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{args.dtype}' (choose from {', '.join(DTYPES)})")
+    if args.lora_rank < 0:
+        raise UsageError("--lora-rank must be 0 (train every weight) or a positive rank")
     if args.topology not in ("hub", "all-pairs"):
         raise UsageError(f"unknown topology '{args.topology}' (hub or all-pairs)")
     data = {}
@@ -492,14 +499,24 @@ def validate(args):
     return preset
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def load_base(args, preset: Preset):
+    """π_0 and its processor: --model, or the warm-started tiny policy; then the memory options."""
     if args.model:
         try:
-            return load_policy(args.model, device=args.device)
+            model, proc = load_policy(args.model, dtype=DTYPES[args.dtype], device=args.device)
         except (OSError, ValueError, KeyError) as e:
             raise UsageError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
-    return warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed,
-                      device=args.device)
+    else:
+        model, proc = warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed,
+                                 device=args.device)
+        model = model.to(DTYPES[args.dtype])
+    try:
+        return prepare_for_training(model, args.lora_rank, args.grad_ckpt), proc
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def start_ranks(args, preset: Preset):
@@ -564,6 +581,9 @@ def _main(args, rank: int):
     try:
         run = Run(args, preset, model0, proc, layout)
         run.log(kind="config", args={k: v for k, v in vars(args).items()}, preset=asdict(preset))
+        if writer:
+            print(memory_plan(run, max(len(encode_prompt(proc, ex.prompt, ex.image, ex.video).ids)
+                                       for d in run.domains for ex in run.train[d][:64])))
         run_methods(run)
         if writer:
             write_results(run)

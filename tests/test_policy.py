@@ -180,3 +180,30 @@ def test_vl_checkpoints_sample_consistently_on_text_image_and_video(arch, tmp_pa
         lp = token_logprobs(sampling_logprobs(response_logits(model, proc, r.prompts, r.response), cfg, proc),
                             r.response) * r.mask
     assert torch.allclose(lp, r.logprobs, atol=1e-4)
+
+
+def test_lora_copies_share_the_frozen_base_and_fold_back_exactly(tiny):
+    pytest.importorskip("peft")
+    import copy as copy_
+    from policy import clone_policy, folded, prepare_for_training
+    model, proc = tiny
+    lora = prepare_for_training(copy_.deepcopy(model), lora_rank=4)
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
+    clone = clone_policy(lora)
+    for (name, a), b in zip(lora.named_parameters(), clone.parameters()):
+        assert (a is b) == (name not in trainable)       # base shared, adapters copied
+    with torch.no_grad():
+        for n, p in clone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)                         # B = 0 at init: make the adapter matter
+    ex = builtin_examples("image", "train", 2, 0)
+    prompts = [encode_prompt(proc, e.prompt, e.image) for e in ex]
+    response = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        want = response_logits(clone, proc, prompts, response)
+        plain = folded(clone)
+        got = response_logits(plain, proc, prompts, response)
+    assert not hasattr(plain, "merge_and_unload")
+    assert torch.allclose(got, want, atol=1e-5)
+    assert any(p.requires_grad for p in clone.parameters())      # folding copied: the clone still trains

@@ -34,3 +34,24 @@ def test_table_has_a_row_per_model_and_skips_private_keys(tmp_path):
     run.results["_sampled"] = {"base": {"text": 0.1}}
     lines = results_table(run).splitlines()
     assert lines[0] == "| model | text | image | average |" and len(lines) == 2 + 4
+
+
+def test_memory_plan_counts_adam_for_trained_copies_and_weights_for_frozen_ones(tiny):
+    from report import _size as size, memory_plan, model_copies
+    from rlvr import RLConfig
+    from opd import OPDConfig
+    from rollout import SamplingConfig
+    model, _ = tiny
+    run = SimpleNamespace(model0=model, domains=["text", "image", "video"], layout=None,
+                          args=SimpleNamespace(method="copd"),
+                          p=SimpleNamespace(rl=RLConfig(prompts_per_step=2, group_size=4, sampling=SamplingConfig(max_new_tokens=6)),
+                                            opd=OPDConfig(prompts_per_step=2, samples_per_prompt=2)))
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    text = model.config.text_config
+    kv_row = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    plan = memory_plan(run, prompt_len=10)
+    assert model_copies("copd", 3) == (3, 1) and model_copies("all", 3) == (3, 4)
+    assert f"| trained copy: weights, gradients, AdamW | {size(4 * weights)} | 3 | {size(12 * weights)} |" in plan
+    assert f"| frozen copy (π_0, experts, teachers) | {size(weights)} | 1 |" in plan
+    assert f"| KV cache: 8 rows x 16 tokens | {size(kv_row * 16 * 8)} | 1 |" in plan
+    assert f"| all (without backward's activations) | | | {size(13 * weights + kv_row * 16 * 8)} |" in plan

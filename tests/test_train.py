@@ -195,3 +195,22 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path):
     whole_rows = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs if r["kind"] != "config"]
     assert strip(rows) == strip(whole_rows)
+
+
+def test_memory_options_run_through_to_results(tmp_path):
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    r = run_cli("--experts", "text,image", "--method", "copd", "--preset", "smoke", "--out", str(out),
+                "--lora-rank", "4", "--grad-ckpt", "--dtype", "bf16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Memory plan (--method copd, 2 experts, torch.bfloat16)" in r.stdout
+    assert "| LoRA base (frozen, shared) |" in r.stdout
+    assert set(json.loads((out / "results.json").read_text())["copd"]) == {"text", "image", "average"}
+
+
+@pytest.mark.parametrize("flag,message", [(["--dtype", "fp8"], "unknown dtype 'fp8'"),
+                                          (["--lora-rank", "-2"], "--lora-rank must be 0")])
+def test_bad_memory_options_are_one_line(tmp_path, flag, message):
+    r = run_cli("--preset", "smoke", "--out", str(tmp_path / "x"), *flag)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
