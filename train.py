@@ -441,6 +441,8 @@ def parse_args(argv=None):
     ap.add_argument("--advantage", default=None, help="grpo | dr_grpo")
     ap.add_argument("--topology", default="hub", help="hub | all-pairs (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="response length cap (overrides the preset)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (overrides the preset)")
     ap.add_argument("--dtype", default="fp32", help="fp32 | bf16: the weights' dtype (bf16 halves them)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing: recompute activations in backward")
     ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (needs peft); 0: all weights")
@@ -489,6 +491,13 @@ def validate(args):
     preset = presets()[args.preset]
     if args.steps:
         preset.steps = args.steps
+    for flag, name in ((args.max_new_tokens, "--max-new-tokens"), (args.micro_batch, "--micro-batch")):
+        if flag is not None and flag < 1:
+            raise UsageError(f"{name} must be at least 1")
+    if args.max_new_tokens:
+        preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens)
+    if args.micro_batch:
+        preset.rl.micro_batch = args.micro_batch
     for flag, target, name, choices in ((args.opd_loss, preset.opd, "loss", ("sampled", "full", "topk")),
                                         (args.loss_agg, preset.rl, "loss_agg", ("token", "seq", "seq_len_max")),
                                         (args.advantage, preset.rl, "advantage", ("grpo", "dr_grpo"))):
@@ -559,7 +568,7 @@ def _main(args, rank: int):
             load_domain(domain, "train", 1, args.seed, preset.difficulty, args.data)
         if parallel.world_size() > 1:
             layout = start_ranks(args, preset)
-        if rank > 0:   # rank 0 builds (or loads) π_0 first; the others then load it from the cache
+        if layout is not None and rank > 0:   # rank 0 builds (or loads) π_0 first; the others then load it
             parallel.barrier("the warm start")
         model0, proc = load_base(args, preset)
         if layout is not None and rank == 0:
