@@ -134,3 +134,104 @@ def plot_curves(run, path: str):
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# several seeds of `--method all`: the table with mean and spread, and one plot
+#
+#     python report.py runs/all-s0 runs/all-s1 runs/all-s2 --plot docs/reproduction.png
+
+SUMMARY_ROWS = ("base", "experts", "expert:{d}", "mixed", "opd", "mopd", "copd", "copd:{d}")
+
+
+def load_runs(folders: list) -> list:
+    """(results.json, metrics.jsonl rows) of each run folder; a missing file is named."""
+    runs = []
+    for folder in folders:
+        paths = [os.path.join(folder, f) for f in ("results.json", "metrics.jsonl")]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"{p}: no such file (is {folder} a finished run?)")
+        with open(paths[0]) as f:
+            results = json.load(f)
+        with open(paths[1]) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        runs.append((results, rows))
+    return runs
+
+
+def summary_table(runs: list) -> str:
+    """Held-out greedy accuracy (%) per model and domain: mean ± half the range over seeds."""
+    domains = [k for k in runs[0][0]["base"] if k != "average"]
+    names = [r.format(d=d) for r in SUMMARY_ROWS for d in (domains if "{d}" in r else [None])]
+    cols = domains + ["average"]
+    lines = [f"| model | {' | '.join(cols)} |", "|---" * (len(cols) + 1) + "|"]
+    for name in names:
+        if not all(name in results for results, _ in runs):
+            continue
+        cells = []
+        for c in cols:
+            values = [100 * results[name][c] for results, _ in runs]
+            mean, spread = sum(values) / len(values), (max(values) - min(values)) / 2
+            cells.append(f"{mean:.1f} ± {spread:.1f}")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _mean_curve(curves: list):
+    """Mean over runs of (step, value) curves, on the steps every run has."""
+    steps = sorted(set.intersection(*[set(dict(c)) for c in curves]))
+    return steps, [sum(dict(c)[s] for c in curves) / len(curves) for s in steps]
+
+
+def plot_reproduction(runs: list, path: str):
+    """Left: mean held-out accuracy over domains during training (mean over seeds). Right:
+    top-10 overlap between the two CoPD branches over training against the independently
+    trained experts' at the end of their training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (acc_ax, ov_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    models = ["expert:text", "expert:image", "mixed", "mopd", "copd:text", "copd:image"]
+    for model in models:
+        curves = [[(r["step"], 100 * sum(a["greedy"] for a in r["accuracy"].values()) / len(r["accuracy"]))
+                   for r in rows if r.get("kind") == "eval" and r["model"] == model and not r["final"]]
+                  for _, rows in runs]
+        if all(len(c) > 1 for c in curves):
+            acc_ax.plot(*_mean_curve(curves), marker=".", label=model, linestyle="--" if "copd" not in model else "-")
+    acc_ax.set_title(f"held-out accuracy, mean of domains ({len(runs)} seeds)")
+    acc_ax.set_xlabel("step (of each model)"), acc_ax.set_ylabel("%"), acc_ax.legend(fontsize=7)
+    for method, style in (("copd", "-"), ("experts", "s")):
+        pairs = {r["pair"] for _, rows in runs for r in rows
+                 if r.get("kind") == "divergence" and r["method"] == method and "base" not in r["pair"]}
+        for pair in sorted(pairs):
+            curves = [[(r["step"], r["overlap"]) for r in rows if r.get("kind") == "divergence"
+                       and r["method"] == method and r["pair"] == pair] for _, rows in runs]
+            steps, values = _mean_curve(curves)
+            ov_ax.plot(steps, values, style, markersize=8, label=f"{method}: {pair}")
+    ov_ax.set_title("top-10 overlap between the two models (mean of seeds)")
+    ov_ax.set_xlabel("step"), ov_ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(description="Mean and spread of several `--method all` runs, and their plot.")
+    ap.add_argument("runs", nargs="+", help="run folders (each with results.json and metrics.jsonl)")
+    ap.add_argument("--plot", default=None, help="write the accuracy and overlap plot here (.png)")
+    a = ap.parse_args()
+    try:
+        loaded = load_runs(a.runs)
+    except (FileNotFoundError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(summary_table(loaded))
+    if a.plot:
+        os.makedirs(os.path.dirname(a.plot) or ".", exist_ok=True)
+        plot_reproduction(loaded, a.plot)
+        print(f"\nwrote {a.plot}")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))   # 1 beside another busy job: spinning threads compete
 
 from policy import TinyConfig, build_tiny_policy, build_tokenizer, make_processor  # noqa: E402
 

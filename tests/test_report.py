@@ -1,4 +1,5 @@
 import json
+import os
 from types import SimpleNamespace
 
 from report import results_table, write_results
@@ -55,3 +56,39 @@ def test_memory_plan_counts_adam_for_trained_copies_and_weights_for_frozen_ones(
     assert f"| frozen copy (π_0, experts, teachers) | {size(weights)} | 1 |" in plan
     assert f"| KV cache: 8 rows x 16 tokens | {size(kv_row * 16 * 8)} | 1 |" in plan
     assert f"| all (without backward's activations) | | | {size(13 * weights + kv_row * 16 * 8)} |" in plan
+
+
+def fake_all_run(folder, seed_shift):
+    folder.mkdir()
+    acc = lambda t, i: {"text": t + seed_shift, "image": i, "average": (t + seed_shift + i) / 2}
+    results = {"base": acc(0.3, 0.8), "experts": acc(0.4, 0.9), "expert:text": acc(0.4, 0.7), "mixed": acc(0.35, 0.85),
+               "copd": acc(0.45, 0.9), "_sampled": {}}
+    (folder / "results.json").write_text(json.dumps(results))
+    rows = [{"kind": "eval", "model": "mixed", "step": s, "final": False,
+             "accuracy": {"text": {"greedy": 0.3 + s / 1000}, "image": {"greedy": 0.8}}} for s in (0, 50, 100)]
+    rows += [{"kind": "divergence", "method": "copd", "pair": "image~text", "step": s, "overlap": 0.9 - s / 1000}
+             for s in (20, 40)]
+    rows += [{"kind": "divergence", "method": "experts", "pair": "image~text", "step": 100, "overlap": 0.8}]
+    (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_summary_over_seeds_gives_mean_and_half_range_and_a_plot(tmp_path):
+    from report import load_runs, plot_reproduction, summary_table
+    fake_all_run(tmp_path / "s0", 0.0)
+    fake_all_run(tmp_path / "s1", 0.1)
+    runs = load_runs([tmp_path / "s0", tmp_path / "s1"])
+    table = summary_table(runs).splitlines()
+    assert table[0] == "| model | text | image | average |"
+    assert "| copd | 50.0 ± 5.0 | 90.0 ± 0.0 | 70.0 ± 2.5 |" in table
+    assert [line.split(" |")[0] for line in table[2:]] == ["| base", "| experts", "| expert:text", "| mixed", "| copd"]
+    plot_reproduction(runs, str(tmp_path / "r.png"))
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_summary_names_a_folder_that_is_not_a_finished_run(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "half").mkdir()
+    r = subprocess.run([sys.executable, "report.py", str(tmp_path / "half")], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and "results.json: no such file" in r.stderr and "Traceback" not in r.stderr
