@@ -199,7 +199,8 @@ def plot_reproduction(runs: list, path: str):
                   for _, rows in runs]
         if all(len(c) > 1 for c in curves):
             acc_ax.plot(*_mean_curve(curves), marker=".", label=model, linestyle="--" if "copd" not in model else "-")
-    acc_ax.set_title(f"held-out accuracy, mean of domains ({len(runs)} seeds)")
+    seeds = f"{len(runs)} seed" + ("s" if len(runs) > 1 else "")
+    acc_ax.set_title(f"held-out accuracy, mean of domains ({seeds})")
     acc_ax.set_xlabel("step (of each model)"), acc_ax.set_ylabel("%"), acc_ax.legend(fontsize=7)
     for method, style in (("copd", "-"), ("experts", "s")):
         pairs = {r["pair"] for _, rows in runs for r in rows
@@ -209,7 +210,7 @@ def plot_reproduction(runs: list, path: str):
                        and r["method"] == method and r["pair"] == pair] for _, rows in runs]
             steps, values = _mean_curve(curves)
             ov_ax.plot(steps, values, style, markersize=8, label=f"{method}: {pair}")
-    ov_ax.set_title("top-10 overlap between the two models (mean of seeds)")
+    ov_ax.set_title(f"top-10 overlap between the two models ({seeds})")
     ov_ax.set_xlabel("step"), ov_ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path + ".tmp.png"
