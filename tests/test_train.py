@@ -33,6 +33,11 @@ def test_method_all_smoke_writes_every_method(tmp_path):
     opd_rows = [r for r in rows if r["kind"] == "train" and r.get("phase") == "opd"]
     assert opd_rows and all("overlap_from_image" in r or "overlap_from_text" in r for r in opd_rows)
     assert any(r["kind"] == "divergence" and r["method"] == "experts" for r in rows)
+    peak = train.presets()["smoke"].lr
+    for name in ("expert:text", "mixed", "opd:text->image", "mopd", "copd:image"):
+        lrs = [r["lr"] for r in rows if r["kind"] == "train" and r["model"] == name]
+        assert lrs[0] == pytest.approx(peak) and lrs[-1] == pytest.approx(0.1 * peak), name
+        assert all(a >= b for a, b in zip(lrs, lrs[1:])), name
 
 
 def test_default_method_is_copd_and_three_experts_work(tmp_path):
@@ -51,6 +56,23 @@ def test_single_expert_rlvr(tmp_path):
     assert set(results) >= {"base", "rlvr"} and set(results["rlvr"]) == {"text", "average"}
 
 
+def test_learning_rate_decays_from_peak_to_its_floor():
+    lr = lambda t, schedule="cosine": train.learning_rate(1e-3, t, 101, schedule, 0.1)
+    assert lr(1) == pytest.approx(1e-3)
+    assert lr(51) == pytest.approx(0.55e-3)     # halfway: the midpoint of η and 0.1·η
+    assert lr(101) == pytest.approx(1e-4)
+    assert lr(80, "constant") == 1e-3
+    assert train.learning_rate(1e-3, 1, 1) == 1e-3   # a one-update loop keeps η
+
+
+def test_lr_flags_reach_the_run(tmp_path):
+    out = tmp_path / "const"
+    assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out),
+                       "--lr", "3e-4", "--lr-schedule", "constant"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == [3e-4] * train.presets()["smoke"].steps
+
+
 @pytest.mark.parametrize("args, message", [
     (["--experts", "text,audio"], "unknown domain 'audio'"),
     (["--method", "ppo"], "unknown method 'ppo'"),
@@ -58,6 +80,9 @@ def test_single_expert_rlvr(tmp_path):
     (["--data", "text=nope.jsonl"], "nope.jsonl: no such file"),
     (["--data", "speech=a.jsonl"], "--data expects DOMAIN=PATH"),
     (["--model", "/no/such/checkpoint"], "no such folder"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--lr-schedule", "linear"], "unknown value 'linear'"),
 ])
 def test_bad_input_is_one_line_no_traceback_nothing_written(tmp_path, args, message):
     out = tmp_path / "out"
