@@ -47,6 +47,7 @@ METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "all")
 @dataclass
 class Preset:
     steps: int = 60                    # T: GRPO steps of one expert; mixed and CoPD get K·T
+    max_total_steps: int = 0           # if set, T = min(steps, this // K): K·T stays within it as experts are added
     cycles: int = 4                    # N of CoPD
     difficulty: int = 2
     train_pool: int = 4000             # training prompts per domain
@@ -72,7 +73,8 @@ def presets():
                    warm=WarmStartConfig(steps=20, batch_size=16, train_examples=200),
                    rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
-    cpu = Preset(steps=300, cycles=4, lr=2e-4, eval_every=50, eval_size=500, curve_eval_size=200,
+    cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
+                 eval_every=50, eval_size=500, curve_eval_size=200,
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
                  opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
@@ -520,6 +522,8 @@ def validate(args):
     preset = presets()[args.preset]
     if args.steps:
         preset.steps = args.steps
+    elif preset.max_total_steps:
+        preset.steps = min(preset.steps, preset.max_total_steps // len(args.experts))
     for flag, name in ((args.max_new_tokens, "--max-new-tokens"), (args.micro_batch, "--micro-batch")):
         if flag is not None and flag < 1:
             raise UsageError(f"{name} must be at least 1")

@@ -65,6 +65,15 @@ def test_learning_rate_decays_from_peak_to_its_floor():
     assert train.learning_rate(1e-3, 1, 1) == 1e-3   # a one-update loop keeps η
 
 
+def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
+    steps = lambda *flags: train.validate(train.parse_args(["--out", str(tmp_path / "x"), *flags])).steps
+    assert steps("--experts", "text", "--method", "rlvr") == 300
+    assert steps("--experts", "text,image") == 300
+    assert steps("--experts", "text,image,video") == 200
+    assert steps("--experts", "text,image,video", "--steps", "250") == 250   # an explicit T wins
+    assert steps("--experts", "text,image,video", "--preset", "gpu") == 200
+
+
 def test_lr_flags_reach_the_run(tmp_path):
     out = tmp_path / "const"
     assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out),
