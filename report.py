@@ -90,6 +90,9 @@ def write_results(run):
           results_table(run), "", "Budgets:", ""]
     trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in run.results}
     md += [f"- {m}: {b}" for m, b in budgets(run).items() if m in trained]
+    decay = (f", cosine to {run.p.min_lr_frac * run.p.lr:g} over each loop" if run.p.lr_schedule == "cosine"
+             else ", constant")
+    md += ["", f"Learning rate: AdamW, η = {run.p.lr:g}{decay}."]
     if "_divergence_cost" in run.results:
         md += ["", "Divergence cost (mixed − expert, points): " +
                ", ".join(f"{d} {100 * v:+.1f}" for d, v in run.results["_divergence_cost"].items())]

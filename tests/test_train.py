@@ -27,6 +27,7 @@ def test_method_all_smoke_writes_every_method(tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| copd |" in md and "Budgets" in md and "--seed 0" in md
+    assert f"η = {train.presets()['smoke'].lr:g}, cosine to" in md
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
     assert {"config", "train", "eval", "divergence"} <= kinds
