@@ -8,7 +8,8 @@ from report import results_table, write_results
 def fake_run(tmp_path):
     args = SimpleNamespace(out=str(tmp_path), method="all", preset="smoke", seed=3, model=None)
     return SimpleNamespace(
-        args=args, domains=["text", "image"], p=SimpleNamespace(steps=10), heldout={"text": [0] * 50, "image": [0] * 50},
+        args=args, domains=["text", "image"], heldout={"text": [0] * 50, "image": [0] * 50},
+        p=SimpleNamespace(steps=10, lr=1e-3, lr_schedule="constant", min_lr_frac=0.1),
         results={"base": {"text": 0.5, "image": 0.6, "average": 0.55},
                  "experts": {"text": 0.7, "image": 0.8, "average": 0.75},
                  "mixed": {"text": 0.6, "image": 0.9, "average": 0.75},
@@ -26,6 +27,7 @@ def test_results_files_hold_the_table_budgets_and_divergence_cost(tmp_path):
     assert "--seed 3" in md and "| copd | 75.0 | 85.0 | 80.0 |" in md
     assert "- mixed: 20 GRPO steps on the union" in md and "- opd:" not in md   # only methods that ran
     assert "Divergence cost (mixed − expert, points): text -10.0, image +10.0" in md
+    assert "Learning rate: AdamW, η = 0.001, constant." in md
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
