@@ -111,6 +111,16 @@ def _atomic_write(path: str, text: str):
     os.replace(tmp, path)
 
 
+def _save_figure(fig, path: str):
+    """Written under a temporary name and renamed: a plot is whole or absent."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def plot_curves(run, path: str):
     """Accuracy per domain over training for every model; top-k overlap between branches
     (CoPD) against the independently trained experts."""
@@ -132,11 +142,7 @@ def plot_curves(run, path: str):
             ax.plot([s for s, _ in points], [p["overlap"] for _, p in points], style, marker="o",
                     label=f"{method} {pair}")
     ax.set_title("top-10 overlap"), ax.set_xlabel("step"), ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -195,7 +201,8 @@ def plot_reproduction(runs: list, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (acc_ax, ov_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-    models = ["expert:text", "expert:image", "mixed", "mopd", "copd:text", "copd:image"]
+    domains = [k for k in runs[0][0]["base"] if k != "average"]
+    models = [f"expert:{d}" for d in domains] + ["mixed", "mopd"] + [f"copd:{d}" for d in domains]
     for model in models:
         curves = [[(r["step"], 100 * sum(a["greedy"] for a in r["accuracy"].values()) / len(r["accuracy"]))
                    for r in rows if r.get("kind") == "eval" and r["model"] == model and not r["final"]]
@@ -215,11 +222,7 @@ def plot_reproduction(runs: list, path: str):
             ov_ax.plot(steps, values, style, markersize=8, label=f"{method}: {pair}")
     ov_ax.set_title(f"top-10 overlap between the two models ({seeds})")
     ov_ax.set_xlabel("step"), ov_ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save_figure(fig, path)
 
 
 if __name__ == "__main__":
