@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from opd import OPDConfig, opd_loss, opd_rollout, rows_to_keep, teacher_logprobs
-from policy import folded
-from rlvr import RLConfig, grpo_batch, update
+from policy import clone_policy, folded
+from rlvr import PGBatch, RLConfig, grpo_batch, update
+from rollout import Rollout
 
 
 @dataclass
@@ -63,11 +64,14 @@ def schedule(cfg: CoPDConfig) -> list:
 
 
 def describe(cfg: CoPDConfig, domains: list) -> str:
+    """The plan printed at start, read off `schedule` (so it is the plan the loop walks)."""
+    steps = schedule(cfg)
+    cycles = sorted({c for c, _, _ in steps})
+    first = [phase for c, phase, _ in steps if c == cycles[0]]
     links = neighbours(domains, cfg.topology, cfg.hub)
-    steps = cfg.cycles * (cfg.rl_steps + cfg.opd_steps)
-    lines = [f"CoPD schedule: {len(domains)} branches, {cfg.cycles} cycles x "
-             f"(Phase I {cfg.rl_steps} RLVR steps + Phase II {cfg.opd_steps} RLVR+OPD steps) "
-             f"= {steps} updates per branch"]
+    lines = [f"CoPD schedule: {len(domains)} branches, {len(cycles)} cycles x "
+             f"(Phase I {first.count('rl')} RLVR steps + Phase II {first.count('opd')} RLVR+OPD steps) "
+             f"= {len(steps)} updates per branch"]
     lines += [f"  branch {d}: learns from {', '.join(links[d])}" for d in domains]
     return "\n".join(lines)
 
@@ -95,11 +99,36 @@ def draw(pools: dict, domain: str, n: int, rng: random.Random) -> list:
     return [rng.randrange(len(pools[domain])) for _ in range(n)]
 
 
+@dataclass
+class OPDRollouts:
+    """A student's own rollouts on the prompts of one neighbour's domain."""
+    prompt_idx: list                   # into pools[teacher domain]: indices cross the wire, not prompts
+    rollout: Rollout
+    row_domains: list                  # the domain of each row (routes it to its teacher)
+
+
+@dataclass
+class Scored:
+    """Those rollouts with the teacher's log-probs of the sampled tokens (and, for the metrics,
+    its full distribution or its top-k ids on a few rows)."""
+    rollout: Rollout
+    teacher_lp: torch.Tensor
+    teacher_full: dict | None
+    teacher_top: dict | None = None
+
+
+@dataclass
+class StudentSide:
+    """A branch's share of one step before any teacher is asked."""
+    native: PGBatch                    # (a) its GRPO batch on its own domain
+    stats: dict
+    rollouts: dict                     # (b) {teacher domain: OPDRollouts}, Phase II only
+
+
 def student_side(model, domain: str, proc, pools: dict, phase: str, links: dict, rl: RLConfig, opd: OPDConfig,
-                 seed: int):
-    """Branch `domain`'s share of a step before any teacher is asked: its native GRPO batch and,
-    in Phase II, its own rollouts on each neighbour's prompts. Returns
-    (native PGBatch, stats, {teacher domain: (prompt indices, rollout, row domains)})."""
+                 seed: int) -> StudentSide:
+    """Branch `domain`'s native GRPO batch and, in Phase II, its own rollouts on each
+    neighbour's prompts, all drawn from the branch's stream `seed`."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     native, stats = grpo_batch(model, proc, [pools[domain][i] for i in draw(pools, domain, rl.prompts_per_step, rng)], rl)
@@ -107,17 +136,16 @@ def student_side(model, domain: str, proc, pools: dict, phase: str, links: dict,
     if phase == "opd":
         for j in links[domain]:
             idx = draw(pools, j, opd.prompts_per_step, rng)
-            rollouts[j] = (idx, *opd_rollout(model, proc, [pools[j][i] for i in idx], rl, opd))
-    return native, stats, rollouts
+            rollouts[j] = OPDRollouts(idx, *opd_rollout(model, proc, [pools[j][i] for i in idx], rl, opd))
+    return StudentSide(native, stats, rollouts)
 
 
-def finish_step(model, optimizer, proc, native, stats: dict, scored: dict, rl: RLConfig, opd: OPDConfig,
+def finish_step(model, optimizer, proc, side: StudentSide, scored: dict, rl: RLConfig, opd: OPDConfig,
                 sync_grads=None) -> dict:
-    """One update of one branch on its native batch and its scored OPD rollouts
-    {teacher domain: (rollout, teacher_lp, teacher_full, teacher_top)}."""
-    batches, opd_stats = [native], {}
-    for j, (rollout, teacher_lp, teacher_full, teacher_top) in scored.items():
-        batch, opd_stats[j] = opd_loss(rollout, teacher_lp, teacher_full, rl, opd, teacher_top)
+    """One update of one branch on its native batch and its scored OPD rollouts {teacher domain: Scored}."""
+    batches, opd_stats, stats = [side.native], {}, side.stats
+    for j, s in scored.items():
+        batch, opd_stats[j] = opd_loss(s.rollout, s.teacher_lp, s.teacher_full, rl, opd, s.teacher_top)
         batches.append(batch)
     stats.update(update(model, optimizer, proc, batches, rl, sync_grads))
     for j, o in opd_stats.items():   # the overlap metrics filled in during backward
@@ -125,20 +153,44 @@ def finish_step(model, optimizer, proc, native, stats: dict, scored: dict, rl: R
     return stats
 
 
-def copd_step(branches: dict, optimizers: dict, proc, pools: dict, phase: str, links: dict,
-              rl: RLConfig, opd: OPDConfig, step_seed: int) -> dict:
-    """One step of every branch, all in this process. Phase II builds every branch's batches
-    first, so each teacher is as it was at step start (bidirectional)."""
-    sides = {d: student_side(m, d, proc, pools, phase, links, rl, opd, branch_seed(step_seed, d))
-             for d, m in branches.items()}
-    stats = {}
-    for d, (native, s, rollouts) in sides.items():
-        scored = {}
-        for j, (_, rollout, domains) in rollouts.items():
-            teacher_lp, teacher_full = teacher_logprobs({j: branches[j]}, proc, rollout, domains, rl,
-                                                        rows_to_keep(opd, rollout))
-            scored[j] = (rollout, teacher_lp, teacher_full, None)
-        sides[d] = (native, s, scored)
-    for d, (native, s, scored) in sides.items():
-        stats[d] = finish_step(branches[d], optimizers[d], proc, native, s, scored, rl, opd)
-    return stats
+class Branches:
+    """CoPD's K branches, all in this process. parallel.RankBranches offers the same calls with
+    one branch per rank under torchrun; train.train_copd drives either without asking which."""
+
+    def __init__(self, model0, domains: list, links: dict, make_optimizer):
+        self.links = links
+        self.models = {d: clone_policy(model0) for d in domains}
+        self.optimizers = {d: make_optimizer(m) for d, m in self.models.items()}
+
+    def named(self) -> tuple:
+        """({"copd:<domain>": model}, {"copd:<domain>": optimizer}) of the branches held here."""
+        return ({f"copd:{d}": m for d, m in self.models.items()},
+                {f"copd:{d}": o for d, o in self.optimizers.items()})
+
+    def step(self, proc, pools: dict, phase: str, rl: RLConfig, opd: OPDConfig, step_seed) -> dict:
+        """One update of every branch; returns {domain: stats}. Phase II builds every branch's
+        batches first, so each teacher is as it was at step start (bidirectional)."""
+        sides = {d: student_side(m, d, proc, pools, phase, self.links, rl, opd, branch_seed(step_seed, d))
+                 for d, m in self.models.items()}
+        scored = {d: {j: Scored(r.rollout, *teacher_logprobs({j: self.models[j]}, proc, r.rollout, r.row_domains, rl,
+                                                             rows_to_keep(opd, r.rollout)))
+                      for j, r in side.rollouts.items()}
+                  for d, side in sides.items()}
+        return {d: finish_step(self.models[d], self.optimizers[d], proc, side, scored[d], rl, opd)
+                for d, side in sides.items()}
+
+    def measure(self, measure, models: dict) -> dict:
+        """{name: measure(name, model)}: one process measures everything."""
+        return {name: measure(name, m) for name, m in models.items()}
+
+    def probes(self, model0) -> list:
+        """(pair, student, teacher, domain) for the divergence probes: neighbouring branches, and
+        each branch against π_0, on the student's domain."""
+        out = []
+        for a, model in self.models.items():
+            out += [(f"{a}~{b}", model, self.models[b], a) for b in self.links[a] if a < b]
+            out.append((f"{a}~base", model, model0, a))
+        return out
+
+    def merge(self):
+        return merge_average(list(self.models.values()))

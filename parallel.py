@@ -33,9 +33,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from copd import branch_seed, finish_step, student_side
+from copd import Scored, branch_seed, finish_step, student_side
 from opd import rows_to_keep, teacher_logprobs
-from policy import encode_prompt, folded
+from policy import clone_policy, encode_prompt, folded
 from rollout import Rollout
 
 
@@ -88,7 +88,11 @@ def start(domains: list, timeout_s: float) -> Layout:
 
 
 def stop():
+    """Leave the process group together: a rank that tears down its connections while another
+    is still writing the results can abort inside gloo ("terminate called without an active
+    exception")."""
     if dist.is_initialized():
+        barrier("the end of the run")
         dist.destroy_process_group()
 
 
@@ -120,7 +124,7 @@ def barrier(what: str):
 
 
 # -----------------------------------------------------------------------------
-# one CoPD step of this rank's branch
+# this rank's branch
 
 def average_gradients(layout: Layout, model):
     """The replicas of a branch average their gradients: one flat all_reduce."""
@@ -135,10 +139,10 @@ def average_gradients(layout: Layout, model):
 
 
 def score_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, rl, opd) -> dict:
-    """Phase II's exchange. rollouts: {teacher domain: (prompt indices, rollout, row domains)} of
-    this rank's student. Returns {teacher domain: (rollout, teacher_lp, None, teacher_top)}."""
+    """Phase II's exchange. rollouts: {teacher domain: copd.OPDRollouts} of this rank's student.
+    Returns {teacher domain: copd.Scored} with the teacher's log-probs and top-k ids."""
     device = next(model.parameters()).device
-    asks = [(j, idx, r.response.cpu(), r.mask.cpu()) for j, (idx, r, _) in rollouts.items()]
+    asks = [(j, r.prompt_idx, r.rollout.response.cpu(), r.rollout.mask.cpu()) for j, r in rollouts.items()]
     everyone = gather(asks, "the Phase II rollout exchange")
     answers = {}
     for src, src_asks in enumerate(everyone):
@@ -156,33 +160,59 @@ def score_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, r
             answers[src] = (lp.cpu(), top)
     replies = gather(answers, "the return of teacher log-probs")
     scored = {}
-    for j, (_, rollout, _) in rollouts.items():
+    for j, r in rollouts.items():
         lp, top = replies[layout.rank_of(j, layout.replica)][layout.rank]
-        scored[j] = (rollout, lp.to(device), None, {row: t.to(device) for row, t in top.items()})
+        scored[j] = Scored(r.rollout, lp.to(device), None, {row: t.to(device) for row, t in top.items()})
     return scored
 
 
-def copd_step(layout: Layout, model, optimizer, proc, pools: dict, phase: str, links: dict, rl, opd,
-              step_seed) -> dict:
-    """This rank's share of copd.copd_step: same batches, same update, for its branch only."""
-    d = layout.branch
-    if phase == "opd" and opd.loss != "sampled":
-        raise ValueError(f"across ranks CoPD sends per-token teacher log-probs only: the {opd.loss} "
-                         "OPD loss needs whole distributions (use --opd-loss sampled)")
-    native, stats, rollouts = student_side(model, d, proc, pools, phase, links, rl, opd,
-                                           branch_seed(step_seed, d, layout.replica))
-    scored = score_for_others(layout, model, proc, pools, rollouts, rl, opd) if phase == "opd" else {}
-    sync = (lambda m: average_gradients(layout, m)) if layout.replicas > 1 else None
-    return finish_step(model, optimizer, proc, native, stats, scored, rl, opd, sync)
+class RankBranches:
+    """This rank's branch, with the calls of copd.Branches: `step` and `measure` return what
+    every branch did (gathered from the ranks), `merge` the average of all of them."""
 
+    def __init__(self, layout: Layout, model0, links: dict, make_optimizer):
+        self.layout, self.links = layout, links
+        d = layout.branch
+        self.models = {d: clone_policy(model0)}
+        self.optimizers = {d: make_optimizer(self.models[d])}
 
-def merge_average(layout: Layout, model):
-    """θ = 1/K Σ_k θ^(k) as one all_reduce (replicas hold equal weights, so dividing the sum
-    over all W ranks by W is the same average). Float64, as copd.merge_average."""
-    merged = copy.deepcopy(folded(model))   # LoRA: adapters folded into the weights first
-    with torch.no_grad():
-        for p in merged.parameters():
-            total = p.detach().double()
-            _collective("the final merge", lambda: dist.all_reduce(total))
-            p.copy_((total / layout.world).to(p.dtype))
-    return merged
+    def named(self) -> tuple:
+        d = self.layout.branch
+        return {f"copd:{d}": self.models[d]}, {f"copd:{d}": self.optimizers[d]}
+
+    def step(self, proc, pools: dict, phase: str, rl, opd, step_seed) -> dict:
+        """This rank's share of copd.Branches.step: same batches, same update, for its branch only."""
+        layout, d = self.layout, self.layout.branch
+        if phase == "opd" and opd.loss != "sampled":
+            raise ValueError(f"across ranks CoPD sends per-token teacher log-probs only: the {opd.loss} "
+                             "OPD loss needs whole distributions (use --opd-loss sampled)")
+        model, optimizer = self.models[d], self.optimizers[d]
+        side = student_side(model, d, proc, pools, phase, self.links, rl, opd, branch_seed(step_seed, d, layout.replica))
+        scored = score_for_others(layout, model, proc, pools, side.rollouts, rl, opd) if phase == "opd" else {}
+        sync = (lambda m: average_gradients(layout, m)) if layout.replicas > 1 else None
+        own = finish_step(model, optimizer, proc, side, scored, rl, opd, sync)
+        return {b: s for b, r, s in gather((d, layout.replica, own), "the step's statistics") if r == 0}
+
+    def measure(self, measure, models: dict) -> dict:
+        """A branch is measured by its first replica, any other model (the merge) by rank 0;
+        every rank learns every result."""
+        own = f"copd:{self.layout.branch}"
+        mine = {name: measure(name, m) for name, m in models.items()
+                if (self.layout.replica == 0 if name == own else self.layout.rank == 0)}
+        return {name: accs for part in gather(mine, "an evaluation") for name, accs in part.items()}
+
+    def probes(self, model0) -> list:
+        """None: the probes need two branches in one process; across ranks the OPD batches' own
+        overlap (overlap_from_* in the step's statistics) is the measure."""
+        return []
+
+    def merge(self):
+        """θ = 1/K Σ_k θ^(k) as one all_reduce (replicas hold equal weights, so dividing the sum
+        over all W ranks by W is the same average). Float64, as copd.merge_average."""
+        merged = copy.deepcopy(folded(self.models[self.layout.branch]))   # LoRA: adapters folded first
+        with torch.no_grad():
+            for p in merged.parameters():
+                total = p.detach().double()
+                _collective("the final merge", lambda: dist.all_reduce(total))
+                p.copy_((total / self.layout.world).to(p.dtype))
+        return merged

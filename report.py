@@ -2,16 +2,17 @@
 Results a person reads: OUT/results.json (method -> domain -> held-out greedy accuracy, with
 "average"), OUT/results.md (the table with the budgets and the seed) and OUT/curves.png
 (accuracy per domain over training; top-10 overlap between branches and between experts).
-Each file is written whole or not at all. `run` is train.Run.
+Each file is written whole or not at all. Also the memory plan printed at start, and the
+summary of several seeds (`python report.py RUN...`).
 """
 
 import json
 import os
 
 
-def budgets(run) -> dict:
-    K, T = len(run.domains), run.p.steps
-    return {"base": "π_0 (warm start)" if not run.args.model else f"π_0 = {run.args.model}",
+def budgets(K: int, T: int, model: str | None) -> dict:
+    """What each method trains, in steps, for K experts of T steps."""
+    return {"base": "π_0 (warm start)" if not model else f"π_0 = {model}",
             "experts": f"{T} GRPO steps per expert ({K} experts)",
             "mixed": f"{K * T} GRPO steps on the union",
             "opd": f"experts + {T} OPD steps per direction",
@@ -33,75 +34,80 @@ def model_copies(method: str, K: int) -> tuple:
             "mopd": (1, K + 1), "copd": (K, 1), "all": (K, K + 1)}[method]
 
 
-def memory_plan(run, prompt_len: int) -> str:
-    """An estimate, from the sizes, of what the chosen method holds at its peak: every trained
-    copy's weights, gradients and two AdamW moments; every frozen copy's weights (a LoRA base
-    is shared by all copies: held once); the KV cache of the largest rollout batch. Not counted:
-    the activations of backward (they scale with --micro-batch; --grad-ckpt cuts them)."""
+def kv_bytes_per_token(config, element_size: int) -> int:
+    """Bytes of KV cache one token takes: 2 (K and V) · layers · KV heads · head dim · element size."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * element_size
+
+
+def memory_plan(model0, method: str, K: int, rows: int, tokens: int, per_rank: bool = False) -> str:
+    """An estimate, from the sizes, of what `method` holds at its peak: every trained copy's
+    weights, gradients and two AdamW moments; every frozen copy's weights (a LoRA base is shared
+    by all copies: held once); the KV cache of the largest rollout batch (`rows` x `tokens`).
+    Not counted: the activations of backward (they scale with --micro-batch; --grad-ckpt cuts
+    them). `per_rank`: under torchrun, one branch per rank."""
     from policy import core
-    params = list(run.model0.parameters())
+    params = list(model0.parameters())
     own = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     shared = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
-    K = len(run.domains)
-    trained, frozen = model_copies(run.args.method, K)
-    if run.layout is not None:   # under torchrun: one branch per rank
-        trained, frozen = 1, 1
-    text = getattr(core(run.model0).config, "text_config", core(run.model0).config)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    tokens = prompt_len + run.p.rl.sampling.max_new_tokens
-    rows = max(run.p.rl.prompts_per_step * run.p.rl.group_size, run.p.opd.prompts_per_step * run.p.opd.samples_per_prompt)
-    per_row = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * tokens * params[0].element_size()
+    trained, frozen = (1, 1) if per_rank else model_copies(method, K)
+    per_row = kv_bytes_per_token(core(model0).config, params[0].element_size()) * tokens
     parts = [("trained copy: weights, gradients, AdamW", 4 * own, trained),
              ("frozen copy (π_0, experts, teachers)", own, frozen),
              (f"KV cache: {rows} rows x {tokens} tokens", per_row * rows, 1)]
     if shared:
         parts.insert(0, ("LoRA base (frozen, shared)", shared, 1))
     total = sum(each * n for _, each, n in parts)
-    lines = [f"Memory plan (--method {run.args.method}, {K} experts, {params[0].dtype}"
-             + (", per rank" if run.layout is not None else "") + "):",
-             "| part | each | copies | total |", "|---|---|---|---|"]
+    lines = [f"Memory plan (--method {method}, {K} experts, {params[0].dtype}" + (", per rank" if per_rank else "")
+             + "):", "| part | each | copies | total |", "|---|---|---|---|"]
     lines += [f"| {name} | {_size(each)} | {n} | {_size(each * n)} |" for name, each, n in parts]
     lines.append(f"| all (without backward's activations) | | | {_size(total)} |")
     return "\n".join(lines)
 
 
-def results_table(run) -> str:
-    cols = run.domains + ["average"]
-    rows = [k for k in run.results if not k.startswith("_")]
+def results_table(results: dict, domains: list) -> str:
+    cols = domains + ["average"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name in rows:
-        r = run.results[name]
-        lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.1f}" for c in cols) + " |")
+    for name, r in results.items():
+        if not name.startswith("_"):
+            lines.append(f"| {name} | " + " | ".join(f"{100 * r[c]:.1f}" for c in cols) + " |")
     return "\n".join(lines)
 
 
-def write_results(run):
-    """results.json, results.md and curves.png, each written whole or not at all."""
-    out = run.args.out
-    cost = {m: round(run.results[m]["average"] - run.results["base"]["average"], 4)
-            for m in run.results if not m.startswith("_") and "base" in run.results}
-    if "mixed" in run.results and "experts" in run.results:
-        run.results["_divergence_cost"] = {d: round(run.results["mixed"][d] - run.results["experts"][d], 4)
-                                          for d in run.domains}
-    _atomic_write(os.path.join(out, "results.json"), json.dumps(run.results, indent=1))
-    md = [f"# Results: --experts {','.join(run.domains)} --method {run.args.method} "
-          f"--preset {run.args.preset} --seed {run.args.seed}", "",
-          f"Held-out greedy accuracy (%) over {len(run.heldout[run.domains[0]])} prompts per domain.", "",
-          results_table(run), "", "Budgets:", ""]
-    trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in run.results}
-    md += [f"- {m}: {b}" for m, b in budgets(run).items() if m in trained]
-    decay = (f", cosine to {run.p.min_lr_frac * run.p.lr:g} over each loop" if run.p.lr_schedule == "cosine"
-             else ", constant")
-    md += ["", f"Learning rate: AdamW, η = {run.p.lr:g}{decay}."]
-    if "_divergence_cost" in run.results:
+def describe_lr(lr: float, schedule: str, min_frac: float) -> str:
+    decay = f", cosine to {min_frac * lr:g} over each loop" if schedule == "cosine" else ", constant"
+    return f"AdamW, η = {lr:g}{decay}"
+
+
+def write_results(out: str, results: dict, domains: list, curves: dict, divergence: dict, *,
+                  title: str, eval_size: int, budget: dict, learning_rate: str):
+    """results.json, results.md and curves.png, each written whole or not at all. Adds the
+    divergence cost (mixed − expert per domain) to `results` when both ran. `title`: the
+    command's defining flags; `budget`: {method: its steps} (budgets()); `learning_rate`:
+    describe_lr()."""
+    cost = {m: round(results[m]["average"] - results["base"]["average"], 4)
+            for m in results if not m.startswith("_") and "base" in results}
+    if "mixed" in results and "experts" in results:
+        results["_divergence_cost"] = {d: round(results["mixed"][d] - results["experts"][d], 4) for d in domains}
+    _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1))
+    md = [f"# Results: {title}", "",
+          f"Held-out greedy accuracy (%) over {eval_size} prompts per domain.", "",
+          results_table(results, domains), "", "Budgets:", ""]
+    trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in results}
+    md += [f"- {m}: {b}" for m, b in budget.items() if m in trained]
+    md += ["", f"Learning rate: {learning_rate}."]
+    if "_divergence_cost" in results:
         md += ["", "Divergence cost (mixed − expert, points): " +
-               ", ".join(f"{d} {100 * v:+.1f}" for d, v in run.results["_divergence_cost"].items())]
-    if "_grad_cosine" in run.results:
+               ", ".join(f"{d} {100 * v:+.1f}" for d, v in results["_divergence_cost"].items())]
+    if "_grad_cosine" in results:
         md += ["", "Gradient cosine between domains on π_0: " +
-               ", ".join(f"{k} {v:+.3f}" for k, v in run.results["_grad_cosine"].items())]
+               ", ".join(f"{k} {v:+.3f}" for k, v in results["_grad_cosine"].items())]
     md += ["", "Gain over base (average, points): " + ", ".join(f"{m} {100 * v:+.1f}" for m, v in cost.items())]
     _atomic_write(os.path.join(out, "results.md"), "\n".join(md) + "\n")
-    plot_curves(run, os.path.join(out, "curves.png"))
+    plot_curves(domains, curves, divergence, os.path.join(out, "curves.png"))
 
 
 def _atomic_write(path: str, text: str):
@@ -121,22 +127,23 @@ def _save_figure(fig, path: str):
     os.replace(tmp, path)
 
 
-def plot_curves(run, path: str):
-    """Accuracy per domain over training for every model; top-k overlap between branches
-    (CoPD) against the independently trained experts."""
+def plot_curves(domains: list, curves: dict, divergence: dict, path: str):
+    """Accuracy per domain over training for every model ({name: [(step, {domain: acc})]});
+    top-k overlap between branches (CoPD) against the independently trained experts
+    ({method: {pair: [(step, {"overlap", ...})]}})."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = len(run.domains) + 1
+    n = len(domains) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
-    for ax, d in zip(axes, run.domains):
-        for name, points in run.curves.items():
+    for ax, d in zip(axes, domains):
+        for name, points in curves.items():
             if len(points) > 1:
                 ax.plot([s for s, _ in points], [100 * a[d] for _, a in points], label=name, marker=".")
         ax.set_title(f"{d}: held-out accuracy"), ax.set_xlabel("step"), ax.set_ylabel("%")
     axes[0].legend(fontsize=7)
     ax = axes[-1]
-    for method, pairs in run.divergence.items():
+    for method, pairs in divergence.items():
         for pair, points in pairs.items():
             style = "-" if "base" not in pair else ":"
             ax.plot([s for s, _ in points], [p["overlap"] for _, p in points], style, marker="o",

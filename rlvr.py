@@ -23,7 +23,6 @@ from verifiers import extract_answer, is_correct, reward
 class RLConfig:
     prompts_per_step: int = 16
     group_size: int = 8                 # G
-    lr: float = 1e-6                    # the paper's; presets raise it for the tiny policy
     eps_low: float = 0.2                # ε_low
     eps_high: float = 0.28              # ε_high (clip-higher)
     advantage: str = "grpo"             # "grpo" | "dr_grpo" (no division by the std)
@@ -61,7 +60,8 @@ def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: floa
 
 def k3_kl(logp, ref_logp):
     """k3 = π_ref/π_θ − log(π_ref/π_θ) − 1 per token, an unbiased estimate of KL(π_θ‖π_ref).
-    Used directly as a loss its gradient is that of the forward KL (DESIGN.md §2)."""
+    Used directly as a loss on samples of π_θ, its gradient is that of the forward
+    KL(π_ref‖π_θ), not of the reverse KL it estimates; the paper's CoPD runs use no KL at all."""
     log_ratio = ref_logp.detach() - logp
     return torch.exp(log_ratio) - log_ratio - 1
 
@@ -183,3 +183,19 @@ def rlvr_step(model, optimizer, proc, examples: list, cfg: RLConfig, ref_model=N
     batch, stats = grpo_batch(model, proc, examples, cfg, ref_model)
     stats.update(update(model, optimizer, proc, [batch], cfg))
     return stats
+
+
+def grad_cosine(model, proc, examples: dict, cfg: RLConfig) -> dict:
+    """cos(∇L_a, ∇L_b) between two domains' GRPO losses on the same weights, for every pair of
+    {domain: prompts}: the gradient conflict the paper argues but never measures."""
+    grads = {}
+    for d, exs in examples.items():
+        batch, _ = grpo_batch(model, proc, exs, cfg)
+        model.zero_grad(set_to_none=True)
+        w = loss_weights([batch.rollout.mask], cfg.loss_agg)[0]
+        backward_tokens(model, proc, batch.rollout, w, cfg, batch.token_loss)
+        grads[d] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                              for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    return {f"{a}~{b}": round(float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)), 4)
+            for a in grads for b in grads if a < b}

@@ -54,8 +54,11 @@ def _number(s: str):
 
 def _math_verify(pred: str, gold: str) -> bool:
     from math_verify import parse, verify
-    gold_parsed, pred_parsed = parse(f"${gold}$"), parse(f"${pred}$")
-    return bool(gold_parsed) and bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed))
+    try:
+        gold_parsed, pred_parsed = parse(f"${gold}$"), parse(f"${pred}$")
+        return bool(gold_parsed) and bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed))
+    except Exception:  # its parser can fail on adversarial LaTeX: a wrong answer, never a crash
+        return False
 
 
 def _choice(s: str):
@@ -64,26 +67,20 @@ def _choice(s: str):
 
 
 def is_correct(pred, gold: str, kind: str = "exact") -> bool:
-    try:
-        if pred is None:
-            return False
-        if kind == "choice":
-            return _choice(pred) is not None and _choice(pred) == _choice(gold)
-        if kind == "math":
-            a, b = _number(pred), _number(gold)
-            if a is not None and b is not None:
-                return a == b
-            return _normalise(pred) == _normalise(gold) or _math_verify(pred, gold)
-        return _normalise(pred) == _normalise(gold)
-    except Exception:  # math-verify's parser can fail on adversarial LaTeX: never crash training
+    if pred is None:
         return False
+    if kind == "choice":
+        return _choice(pred) is not None and _choice(pred) == _choice(gold)
+    if kind == "math":
+        a, b = _number(pred), _number(gold)
+        if a is not None and b is not None:
+            return a == b
+        return _normalise(pred) == _normalise(gold) or _math_verify(pred, gold)
+    return _normalise(pred) == _normalise(gold)
 
 
 def reward(response: str, gold: str, kind: str = "exact") -> float:
     """0.9·correct + 0.1·format, where format means an <answer> tag is present."""
-    try:
-        correct = is_correct(extract_answer(response), gold, kind)
-        formatted = ANSWER_RE.search(response) is not None
-    except Exception:
-        return 0.0
+    correct = is_correct(extract_answer(response), gold, kind)
+    formatted = ANSWER_RE.search(response) is not None
     return 0.9 * correct + 0.1 * formatted

@@ -6,7 +6,6 @@ method of every run with the same settings starts from the same π_0.
 """
 
 import hashlib
-import math
 import json
 import os
 import random
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from policy import TinyConfig, build_tiny_policy, build_tokenizer, encode_prompt, load_policy, make_processor, save_policy
 from rollout import response_logits
+from run import cosine
 from tasks import DOMAINS, builtin_examples
 
 
@@ -65,8 +65,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # linear warm-up, then cosine down to 10%: π_0 ends settled, not mid-oscillation
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * s / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * cosine(s / cfg.steps, 0.1))
     model.train()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=quiet, leave=False)
     for _ in bar:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import copd
-from copd import CoPDConfig, budget_schedule, copd_step, merge_average, neighbours, schedule
+from copd import Branches, CoPDConfig, budget_schedule, describe, merge_average, neighbours, schedule
 from opd import OPDConfig
 from rlvr import RLConfig
 from rollout import SamplingConfig
@@ -28,6 +28,24 @@ def test_budget_matches_the_experts_and_the_paper_ratio():
     assert (s_rl, s_opd) == (30, 20) and 4 * (s_rl + s_opd) == 200
     steps = schedule(CoPDConfig(cycles=2, rl_steps=3, opd_steps=2))
     assert [p for _, p, _ in steps] == ["rl"] * 3 + ["opd"] * 2 + ["rl"] * 3 + ["opd"] * 2
+
+
+def test_the_printed_plan_is_the_schedule(monkeypatch):
+    cfg = CoPDConfig(cycles=3, rl_steps=4, opd_steps=2)
+    assert describe(cfg, ["text", "image"]).splitlines()[0] == (
+        "CoPD schedule: 2 branches, 3 cycles x (Phase I 4 RLVR steps + Phase II 2 RLVR+OPD steps) "
+        "= 18 updates per branch")
+    # a schedule changed in one place changes the printed plan with it
+    monkeypatch.setattr(copd, "schedule", lambda c: [(0, "rl", 0), (0, "opd", 0), (1, "rl", 0), (1, "opd", 0)])
+    assert "2 cycles x (Phase I 1 RLVR steps + Phase II 1 RLVR+OPD steps) = 4 updates" in describe(cfg, ["text", "image"])
+
+
+def team_of(models: dict, links: dict):
+    """copd.Branches holding these very models, each with an SGD optimizer."""
+    team = Branches(next(iter(models.values())), list(models), links, lambda m: torch.optim.SGD(m.parameters(), lr=1e-2))
+    team.models = models
+    team.optimizers = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in models.items()}
+    return team
 
 
 def test_merge_of_identical_branches_is_the_identity(tiny):
@@ -74,12 +92,12 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
         return rollout, row_domains
     students = []
     monkeypatch.setattr(copd, "opd_rollout", spy_rollout)
-    rl = RLConfig(prompts_per_step=2, group_size=2, lr=1e-2, sampling=SamplingConfig(max_new_tokens=4))
+    rl = RLConfig(prompts_per_step=2, group_size=2, sampling=SamplingConfig(max_new_tokens=4))
     opd = OPDConfig(prompts_per_step=2, samples_per_prompt=1)
     links = neighbours(domains)
-    opts = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in branches.items()}
+    team = team_of(branches, links)
     pools = {d: builtin_examples(d, "train", 8, 0) for d in domains}
-    stats = copd_step(branches, opts, proc, pools, "opd", links, rl, opd, step_seed=0)
+    stats = team.step(proc, pools, "opd", rl, opd, step_seed=0)
     owner = {id(m): d for d, m in branches.items()}
     seen = set()
     assert len(students) == len(calls)
@@ -94,7 +112,7 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
     assert "overlap_from_text" in stats["image"]
     # Phase I: no OPD at all
     calls.clear()
-    copd_step(branches, opts, proc, pools, "rl", links, rl, opd, step_seed=1)
+    team.step(proc, pools, "rl", rl, opd, step_seed=1)
     assert calls == []
 
 
@@ -112,8 +130,7 @@ def test_a_branch_steps_the_same_whatever_runs_beside_it(tiny):
         branches = {d: copy.deepcopy(model) for d in order}
         with torch.no_grad():
             branches["image"].lm_head.weight.mul_(1.5)   # a teacher that disagrees
-        opts = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in branches.items()}
-        copd_step(branches, opts, proc, pools, "opd", links, rl, opd, step_seed=7)
+        team_of(branches, links).step(proc, pools, "opd", rl, opd, step_seed=7)
         return branches
 
     forward, backward = one_step(["text", "image"]), one_step(["image", "text"])
@@ -121,3 +138,13 @@ def test_a_branch_steps_the_same_whatever_runs_beside_it(tiny):
     for d in ("text", "image"):
         for a, b in zip(forward[d].parameters(), backward[d].parameters()):
             assert torch.equal(a, b)
+
+
+def test_the_team_probes_neighbours_and_each_branch_against_base(tiny):
+    model, _ = tiny
+    models = {d: copy.deepcopy(model) for d in ("text", "image", "video")}
+    probes = team_of(models, neighbours(list(models))).probes(model)
+    assert [(pair, domain) for pair, _, _, domain in probes] == [
+        ("text~video", "text"), ("text~base", "text"), ("image~text", "image"), ("image~base", "image"),
+        ("video~base", "video")]
+    assert all(teacher is model for pair, _, teacher, _ in probes if pair.endswith("~base"))

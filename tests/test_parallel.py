@@ -4,7 +4,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
@@ -89,11 +88,9 @@ def test_a_lost_rank_stops_the_others_with_a_clear_error(tmp_path, how):
         env = {**env_one_thread(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE, text=True))
-    t0 = time.time()
     try:
-        _, err = procs[0].communicate(timeout=90)
+        _, err = procs[0].communicate(timeout=90)   # a rank that hangs instead fails the test here
     finally:
         procs[1].kill()
     assert procs[0].returncode == 4, err[-2000:]
     assert "error: rank 0: lost the other ranks during a test exchange" in err
-    assert time.time() - t0 < 90

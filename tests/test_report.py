@@ -1,30 +1,30 @@
 import json
 import os
-from types import SimpleNamespace
 
-from report import results_table, write_results
+from report import budgets, describe_lr, kv_bytes_per_token, results_table, write_results
 
 
-def fake_run(tmp_path):
-    args = SimpleNamespace(out=str(tmp_path), method="all", preset="smoke", seed=3, model=None)
-    return SimpleNamespace(
-        args=args, domains=["text", "image"], heldout={"text": [0] * 50, "image": [0] * 50},
-        p=SimpleNamespace(steps=10, lr=1e-3, lr_schedule="constant", min_lr_frac=0.1),
-        results={"base": {"text": 0.5, "image": 0.6, "average": 0.55},
-                 "experts": {"text": 0.7, "image": 0.8, "average": 0.75},
-                 "mixed": {"text": 0.6, "image": 0.9, "average": 0.75},
-                 "copd": {"text": 0.75, "image": 0.85, "average": 0.8}},
-        curves={"copd:text": [(0, {"text": 0.5, "image": 0.6}), (5, {"text": 0.6, "image": 0.6})]},
-        divergence={"copd": {"image~text": [(5, {"overlap": 0.9, "sym_kl": 0.1})]}})
+RESULTS = {"base": {"text": 0.5, "image": 0.6, "average": 0.55},
+           "experts": {"text": 0.7, "image": 0.8, "average": 0.75},
+           "mixed": {"text": 0.6, "image": 0.9, "average": 0.75},
+           "copd": {"text": 0.75, "image": 0.85, "average": 0.8}}
+
+
+def write_fake(tmp_path, results):
+    write_results(str(tmp_path), results, ["text", "image"],
+                  curves={"copd:text": [(0, {"text": 0.5, "image": 0.6}), (5, {"text": 0.6, "image": 0.6})]},
+                  divergence={"copd": {"image~text": [(5, {"overlap": 0.9, "sym_kl": 0.1})]}},
+                  title="--experts text,image --method all --preset smoke --seed 3", eval_size=50,
+                  budget=budgets(2, 10, None), learning_rate=describe_lr(1e-3, "constant", 0.1))
 
 
 def test_results_files_hold_the_table_budgets_and_divergence_cost(tmp_path):
-    run = fake_run(tmp_path)
-    write_results(run)
+    write_fake(tmp_path, dict(RESULTS))
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["_divergence_cost"] == {"text": -0.1, "image": 0.1}       # mixed − expert
     md = (tmp_path / "results.md").read_text()
     assert "--seed 3" in md and "| copd | 75.0 | 85.0 | 80.0 |" in md
+    assert "over 50 prompts per domain" in md
     assert "- mixed: 20 GRPO steps on the union" in md and "- opd:" not in md   # only methods that ran
     assert "Divergence cost (mixed − expert, points): text -10.0, image +10.0" in md
     assert "Learning rate: AdamW, η = 0.001, constant." in md
@@ -32,32 +32,42 @@ def test_results_files_hold_the_table_budgets_and_divergence_cost(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-def test_table_has_a_row_per_model_and_skips_private_keys(tmp_path):
-    run = fake_run(tmp_path)
-    run.results["_sampled"] = {"base": {"text": 0.1}}
-    lines = results_table(run).splitlines()
+def test_table_has_a_row_per_model_and_skips_private_keys():
+    results = {**RESULTS, "_sampled": {"base": {"text": 0.1}}}
+    lines = results_table(results, ["text", "image"]).splitlines()
     assert lines[0] == "| model | text | image | average |" and len(lines) == 2 + 4
+    assert describe_lr(2e-4, "cosine", 0.1) == "AdamW, η = 0.0002, cosine to 2e-05 over each loop"
 
 
-def test_memory_plan_counts_adam_for_trained_copies_and_weights_for_frozen_ones(tiny):
-    from report import _size as size, memory_plan, model_copies
-    from rlvr import RLConfig
-    from opd import OPDConfig
-    from rollout import SamplingConfig
-    model, _ = tiny
-    run = SimpleNamespace(model0=model, domains=["text", "image", "video"], layout=None,
-                          args=SimpleNamespace(method="copd"),
-                          p=SimpleNamespace(rl=RLConfig(prompts_per_step=2, group_size=4, sampling=SamplingConfig(max_new_tokens=6)),
-                                            opd=OPDConfig(prompts_per_step=2, samples_per_prompt=2)))
-    weights = sum(p.numel() * 4 for p in model.parameters())
-    text = model.config.text_config
-    kv_row = 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
-    plan = memory_plan(run, prompt_len=10)
-    assert model_copies("copd", 3) == (3, 1) and model_copies("all", 3) == (3, 4)
-    assert f"| trained copy: weights, gradients, AdamW | {size(4 * weights)} | 3 | {size(12 * weights)} |" in plan
-    assert f"| frozen copy (π_0, experts, teachers) | {size(weights)} | 1 |" in plan
-    assert f"| KV cache: 8 rows x 16 tokens | {size(kv_row * 16 * 8)} | 1 |" in plan
-    assert f"| all (without backward's activations) | | | {size(13 * weights + kv_row * 16 * 8)} |" in plan
+def llama_2_7b():
+    """Llama-2-7B's public shapes on the meta device: 6,738,415,616 parameters, and a KV cache
+    of 0.5 MiB per token in 16-bit (2 · 32 layers · 32 heads · 128 dims · 2 bytes)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def test_kv_cache_bytes_per_token_match_published_models():
+    from transformers import LlamaConfig
+    assert kv_bytes_per_token(llama_2_7b().config, 2) == 512 * 1024
+    # Mistral-7B: grouped-query attention, 8 KV heads: 128 KiB per token in 16-bit
+    mistral = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
+    assert kv_bytes_per_token(mistral, 2) == 128 * 1024
+
+
+def test_memory_plan_of_llama_2_7b_in_bf16():
+    from report import memory_plan
+    model = llama_2_7b()
+    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
+    plan = memory_plan(model, "copd", 2, rows=1, tokens=4096)
+    weights = "12.6 GiB"                          # 6.74e9 · 2 bytes
+    assert f"| trained copy: weights, gradients, AdamW | 50.2 GiB | 2 | 100.4 GiB |" in plan
+    assert f"| frozen copy (π_0, experts, teachers) | {weights} | 1 | {weights} |" in plan
+    assert "| KV cache: 1 rows x 4096 tokens | 2.0 GiB | 1 | 2.0 GiB |" in plan   # the known 2 GiB at 4k context
+    assert "| all (without backward's activations) | | | 115.0 GiB |" in plan
 
 
 def fake_all_run(folder, seed_shift):

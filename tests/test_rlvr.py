@@ -80,7 +80,7 @@ def test_one_step_raises_the_logprob_of_rewarded_responses(tiny):
     import copy
     model, proc = tiny
     model = copy.deepcopy(model)
-    cfg = RLConfig(lr=1e-3, sampling=SamplingConfig(max_new_tokens=6))
+    cfg = RLConfig(sampling=SamplingConfig(max_new_tokens=6))
     rollout = _rollout(model, proc)
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0] * 3).view(3, 4)
     adv = group_advantages(rewards).view(-1, 1) * rollout.mask
@@ -90,7 +90,7 @@ def test_one_step_raises_the_logprob_of_rewarded_responses(tiny):
             lg = response_logits(model, proc, rollout.prompts, rollout.response)
         return (token_logprobs(sampling_logprobs(lg, cfg.sampling, proc), rollout.response) * rollout.mask).sum(-1)
     before = seq_logp()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     stats = update(model, opt, proc, [PGBatch(rollout, surrogate_loss(rollout, adv, cfg))], cfg)
     after = seq_logp()
     assert not stats["skipped"]

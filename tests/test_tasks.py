@@ -36,9 +36,18 @@ def test_difficulty_changes_the_problems():
     assert max(p.count("+") + p.count("-") for p in hard) == 3
 
 
-def test_split_is_a_pure_function_of_the_key():
-    assert split_of("abc") == split_of("abc")
-    assert {split_of(str(i)) for i in range(200)} == {"train", "heldout"}
+def test_split_holds_out_a_fifth_and_depends_on_the_key_alone():
+    import subprocess
+    import sys
+    from tasks import HELD_OUT_FRACTION
+    held = sum(split_of(f"key-{i}") == "heldout" for i in range(5000)) / 5000
+    assert abs(held - HELD_OUT_FRACTION) < 0.02
+    # another interpreter, another string-hash seed: the same splits (Python's hash() would differ)
+    code = "import sys; sys.path.insert(0, '.'); from tasks import split_of; print(''.join(split_of(f'key-{i}')[0] for i in range(300)))"
+    root = __file__.rsplit("/tests/", 1)[0]
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip() for seed in ("1", "2")]
+    assert runs[0] == runs[1] == "".join(split_of(f"key-{i}")[0] for i in range(300))
 
 
 def test_jsonl_rows_load_with_images_and_verifiers(tmp_path):

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import train
+from config import presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,14 +28,14 @@ def test_method_all_smoke_writes_every_method(tmp_path):
     assert (out / "curves.png").stat().st_size > 1000
     md = (out / "results.md").read_text()
     assert "| copd |" in md and "Budgets" in md and "--seed 0" in md
-    assert f"η = {train.presets()['smoke'].lr:g}, cosine to" in md
+    assert f"η = {presets()['smoke'].lr:g}, cosine to" in md
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
     assert {"config", "train", "eval", "divergence"} <= kinds
     opd_rows = [r for r in rows if r["kind"] == "train" and r.get("phase") == "opd"]
     assert opd_rows and all("overlap_from_image" in r or "overlap_from_text" in r for r in opd_rows)
     assert any(r["kind"] == "divergence" and r["method"] == "experts" for r in rows)
-    peak = train.presets()["smoke"].lr
+    peak = presets()["smoke"].lr
     for name in ("expert:text", "mixed", "opd:text->image", "mopd", "copd:image"):
         lrs = [r["lr"] for r in rows if r["kind"] == "train" and r["model"] == name]
         assert lrs[0] == pytest.approx(peak) and lrs[-1] == pytest.approx(0.1 * peak), name
@@ -57,30 +58,12 @@ def test_single_expert_rlvr(tmp_path):
     assert set(results) >= {"base", "rlvr"} and set(results["rlvr"]) == {"text", "average"}
 
 
-def test_learning_rate_decays_from_peak_to_its_floor():
-    lr = lambda t, schedule="cosine": train.learning_rate(1e-3, t, 101, schedule, 0.1)
-    assert lr(1) == pytest.approx(1e-3)
-    assert lr(51) == pytest.approx(0.55e-3)     # halfway: the midpoint of η and 0.1·η
-    assert lr(101) == pytest.approx(1e-4)
-    assert lr(80, "constant") == 1e-3
-    assert train.learning_rate(1e-3, 1, 1) == 1e-3   # a one-update loop keeps η
-
-
-def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
-    steps = lambda *flags: train.validate(train.parse_args(["--out", str(tmp_path / "x"), *flags])).steps
-    assert steps("--experts", "text", "--method", "rlvr") == 300
-    assert steps("--experts", "text,image") == 300
-    assert steps("--experts", "text,image,video") == 200
-    assert steps("--experts", "text,image,video", "--steps", "250") == 250   # an explicit T wins
-    assert steps("--experts", "text,image,video", "--preset", "gpu") == 200
-
-
 def test_lr_flags_reach_the_run(tmp_path):
     out = tmp_path / "const"
     assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out),
                        "--lr", "3e-4", "--lr-schedule", "constant"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr"] for r in rows if r["kind"] == "train"] == [3e-4] * train.presets()["smoke"].steps
+    assert [r["lr"] for r in rows if r["kind"] == "train"] == [3e-4] * presets()["smoke"].steps
 
 
 @pytest.mark.parametrize("args, message", [

@@ -52,13 +52,19 @@ def test_reward_is_point_nine_correct_plus_point_one_format():
 
 
 def test_arbitrary_strings_never_raise():
+    """Every piece a response passes through, called directly: no catch-all hides a raise."""
+    from verifiers import _choice, _number
     rng = random.Random(0)
     pieces = ["<answer>", "</answer>", "\\boxed{", "}", "{", "####", "\\frac{", "^", "$", "\\", "(", ")",
-              "1/0", "0/0", "nan", "inf", "1e999", "\x00", "é", "∞"]
+              "1/0", "0/0", "nan", "inf", "1e999", "\x00", "é", "∞", ",", ".", "-"]
     alphabet = string.printable + "".join(pieces)
     for _ in range(2000):
         parts = [rng.choice(pieces) if rng.random() < 0.4 else rng.choice(alphabet) for _ in range(rng.randint(0, 40))]
         text = "".join(parts)
+        answer = extract_answer(text)
+        assert answer is None or isinstance(answer, str)
+        _number(text), _choice(text)
         for kind in ("math", "exact", "choice"):
-            r = reward(text, rng.choice(["1", "B", "\\frac{1}{2}", "left"]), kind)
-            assert 0.0 <= r <= 1.0
+            gold = rng.choice(["1", "B", "\\frac{1}{2}", "left"])
+            assert is_correct(text, gold, kind) in (True, False)
+            assert 0.0 <= reward(text, gold, kind) <= 1.0

@@ -1,0 +1,215 @@
+"""
+What a run is asked to do: the presets (dataclasses with defaults that run), the command line,
+the checks that refuse bad input before anything is written, and π_0 (the warm-started tiny
+policy, or --model).
+
+Method names are spelled here and only here: train.py and report.py use these tuples.
+"""
+
+import argparse
+import math
+import os
+from dataclasses import dataclass, field, replace
+
+import torch
+
+import parallel
+from checkpoint import list_checkpoints
+from opd import OPDConfig
+from policy import TinyConfig, load_policy, prepare_for_training
+from rlvr import RLConfig
+from rollout import SamplingConfig
+from tasks import DOMAINS
+from warmstart import WarmStartConfig, warm_start
+
+METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "all")
+# the stages each --method runs, in order; a method not listed runs π_0's eval, then itself
+STAGES = {"all": ("base", "experts", "mixed", "opd", "mopd", "copd"), "rlvr": ("base", "experts")}
+NEEDS_TWO_DOMAINS = ("mixed", "opd", "mopd", "copd", "all")
+TOPOLOGIES = ("hub", "all-pairs")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def stages(method: str) -> tuple:
+    return STAGES.get(method, ("base", method))
+
+
+@dataclass
+class Preset:
+    steps: int = 60                    # T: GRPO steps of one expert; mixed and CoPD get K·T
+    max_total_steps: int = 0           # if set, T = min(steps, this // K): K·T stays within it as experts are added
+    cycles: int = 4                    # N of CoPD
+    difficulty: int = 2
+    train_pool: int = 4000             # training prompts per domain
+    eval_size: int = 400               # held-out prompts per domain, final eval
+    curve_eval_size: int = 100         # held-out prompts per domain, evals during training
+    eval_every: int = 20
+    eval_samples: int = 2              # sampled responses per prompt for the mean-over-samples accuracy
+    divergence_every: int = 20
+    divergence_prompts: int = 16
+    lr: float = 2e-4                   # η, the peak learning rate of every loop
+    lr_schedule: str = "cosine"        # "cosine" (η down to min_lr_frac·η at a loop's last update) | "constant"
+    min_lr_frac: float = 0.1
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    warm: WarmStartConfig = field(default_factory=WarmStartConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+
+
+def presets():
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    smoke = Preset(steps=4, cycles=2, train_pool=200, eval_size=16, curve_eval_size=8, eval_every=2,
+                   eval_samples=1, divergence_every=2, divergence_prompts=4,
+                   warm=WarmStartConfig(steps=20, batch_size=16, train_examples=200),
+                   rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
+                   opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
+    cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
+                 eval_every=50, eval_size=500, curve_eval_size=200,
+                 rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
+                 opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
+    gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
+                 tiny=TinyConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=768),
+                 warm=WarmStartConfig(steps=1500, batch_size=128),
+                 rl=RLConfig(prompts_per_step=64, group_size=8, micro_batch=512, sampling=sampling),
+                 opd=OPDConfig(prompts_per_step=64, samples_per_prompt=4))
+    return {"smoke": smoke, "cpu": cpu, "gpu": gpu}
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
+
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def parse_args(argv=None, description: str = ""):
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", default="text,image", help="comma-separated domains: text,image,video")
+    ap.add_argument("--method", default="copd", help="|".join(METHODS))
+    ap.add_argument("--preset", default="cpu", help="smoke | cpu | gpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output folder (default runs/<method>-<experts>-s<seed>)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --out")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument("--ckpt-every", type=int, default=50, help="checkpoint every N steps of any loop (0: never)")
+    ap.add_argument("--model", default=None, help="a checkpoint (hub name or folder) instead of the tiny π_0")
+    ap.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH", help="JSONL prompts of a domain")
+    ap.add_argument("--steps", type=int, default=None, help="T, GRPO steps per expert (overrides the preset)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate η (overrides the preset)")
+    ap.add_argument("--lr-schedule", default=None, help="cosine | constant")
+    ap.add_argument("--opd-loss", default=None, help="sampled | full | topk")
+    ap.add_argument("--loss-agg", default=None, help="token | seq | seq_len_max")
+    ap.add_argument("--advantage", default=None, help="grpo | dr_grpo")
+    ap.add_argument("--topology", default="hub", help=" | ".join(TOPOLOGIES) + " (three or more experts)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="response length cap (overrides the preset)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (overrides the preset)")
+    ap.add_argument("--dtype", default="fp32", help="fp32 | bf16: the weights' dtype (bf16 halves them)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing: recompute activations in backward")
+    ap.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (needs peft); 0: all weights")
+    ap.add_argument("--dist-timeout", type=float, default=900,
+                    help="under torchrun: seconds a rank waits for the others before giving up")
+    return ap.parse_args(argv)
+
+
+def validate(args) -> Preset:
+    """Every check that can fail before anything is written; returns the preset with the flags
+    applied. Reads the disk, never writes or deletes (clearing for --overwrite is the run's)."""
+    args.experts = [d.strip() for d in args.experts.split(",") if d.strip()]
+    for d in args.experts:
+        if d not in DOMAINS:
+            raise UsageError(f"unknown domain '{d}' in --experts (choose from {', '.join(DOMAINS)})")
+    if len(set(args.experts)) != len(args.experts):
+        raise UsageError("--experts lists a domain twice")
+    if args.method not in METHODS:
+        raise UsageError(f"unknown method '{args.method}' (choose from {', '.join(METHODS)})")
+    if args.method in NEEDS_TWO_DOMAINS and len(args.experts) < 2:
+        raise UsageError(f"--method {args.method} needs at least two experts, e.g. --experts text,image")
+    if args.preset not in presets():
+        raise UsageError(f"unknown preset '{args.preset}' (choose from {', '.join(presets())})")
+    if args.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype '{args.dtype}' (choose from {', '.join(DTYPES)})")
+    if args.lora_rank < 0:
+        raise UsageError("--lora-rank must be 0 (train every weight) or a positive rank")
+    if args.topology not in TOPOLOGIES:
+        raise UsageError(f"unknown topology '{args.topology}' ({' or '.join(TOPOLOGIES)})")
+    data = {}
+    for item in args.data:
+        domain, sep, path = item.partition("=")
+        if not sep or domain not in DOMAINS:
+            raise UsageError(f"--data expects DOMAIN=PATH with DOMAIN in {', '.join(DOMAINS)}, got '{item}'")
+        data[domain] = path
+    args.data = data
+    if args.model and os.path.sep in args.model and not os.path.isdir(args.model):
+        raise UsageError(f"--model {args.model}: no such folder")
+    args.out = args.out or os.path.join("runs", f"{args.method}-{'-'.join(args.experts)}-s{args.seed}")
+    earlier = os.path.exists(os.path.join(args.out, "results.json")) or list_checkpoints(args.out)
+    if earlier and not (args.overwrite or args.resume):
+        raise UsageError(f"{args.out} already holds a run: pass --resume, --overwrite or another --out")
+    preset = presets()[args.preset]
+    if args.steps:
+        preset.steps = args.steps
+    elif preset.max_total_steps:
+        preset.steps = min(preset.steps, preset.max_total_steps // len(args.experts))
+    for flag, name in ((args.max_new_tokens, "--max-new-tokens"), (args.micro_batch, "--micro-batch")):
+        if flag is not None and flag < 1:
+            raise UsageError(f"{name} must be at least 1")
+    if args.lr is not None:
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise UsageError(f"--lr must be a positive number, got {args.lr}")
+        preset.lr = args.lr
+    if args.max_new_tokens:
+        preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens)
+    if args.micro_batch:
+        preset.rl.micro_batch = args.micro_batch
+    for flag, target, name, choices in ((args.opd_loss, preset.opd, "loss", ("sampled", "full", "topk")),
+                                        (args.loss_agg, preset.rl, "loss_agg", ("token", "seq", "seq_len_max")),
+                                        (args.advantage, preset.rl, "advantage", ("grpo", "dr_grpo")),
+                                        (args.lr_schedule, preset, "lr_schedule", ("cosine", "constant"))):
+        if flag is not None:
+            if flag not in choices:
+                raise UsageError(f"unknown value '{flag}' (choose from {', '.join(choices)})")
+            setattr(target, name, flag)
+    return preset
+
+
+def start_ranks(args, preset: Preset):
+    """Under torchrun: refuse what one branch per rank rules out, then join the process group
+    (parallel.py). Returns the Layout: which branch and replica this rank holds."""
+    if args.method != "copd":
+        raise UsageError(f"under torchrun only --method copd runs (its branches are what the ranks "
+                         f"split); run --method {args.method} as one process")
+    if args.resume:
+        raise UsageError("--resume is not available under torchrun: rerun, or run as one process")
+    if preset.opd.loss != "sampled":
+        raise UsageError(f"--opd-loss {preset.opd.loss} needs whole teacher distributions, which "
+                         "ranks do not exchange: use --opd-loss sampled under torchrun")
+    args.ckpt_every = 0   # checkpoints hold every branch: one process only
+    try:
+        layout = parallel.start(args.experts, args.dist_timeout)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return layout
+
+
+def load_base(args, preset: Preset):
+    """π_0 and its processor: --model, or the warm-started tiny policy; then the memory options."""
+    if args.model:
+        try:
+            model, proc = load_policy(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        except (OSError, ValueError, KeyError) as e:
+            raise UsageError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
+    else:
+        model, proc = warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed,
+                                 device=args.device)
+        model = model.to(DTYPES[args.dtype])
+    try:
+        model = prepare_for_training(model, args.lora_rank, args.grad_ckpt)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not proc.is_vl and set(args.experts) - {"text"}:
+        raise UsageError(f"--model {args.model} is text-only: it cannot learn "
+                         f"{', '.join(d for d in args.experts if d != 'text')}")
+    return model, proc

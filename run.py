@@ -1,0 +1,218 @@
+"""
+The state one invocation of train.py carries from its first step to its last: the prompt pools,
+evaluation, the metrics log, the learning-rate schedule, the non-finite guard, and the
+checkpoints that let a killed run resume exactly (checkpoint.py writes the files).
+
+train.py's loops call, per step: `set_lr` → their update → `log` → `check_finite` → (every
+few steps) `evaluate` → `end_of_step` (which checkpoints every --ckpt-every steps).
+"""
+
+import json
+import math
+import os
+import random
+import time
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from copd import branch_seed
+from policy import clone_policy, encode_prompt
+from rlvr import score
+from rollout import SamplingConfig, generate
+from tasks import load_domain
+
+MAX_SKIPPED_IN_A_ROW = 5
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. non-finite losses): printed as one line, exit code 3."""
+
+
+# -----------------------------------------------------------------------------
+# the learning rate: one cosine for every loop and for the warm start
+
+def cosine(progress: float, floor: float) -> float:
+    """The factor floor + (1 − floor)·½(1 + cos(π·progress)): 1 at progress 0, `floor` at 1."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def learning_rate(peak: float, step: int, total: int, schedule: str = "cosine", min_frac: float = 0.1) -> float:
+    """η_t of update t = 1..total. cosine: η at the first update and min_frac·η at the last;
+    constant: η. Why decay: at a constant η the tiny policy's greedy answers keep flipping
+    (held-out text accuracy swung ±8 points between evals 50 steps apart), and the last weights
+    are the ones reported."""
+    if schedule == "constant" or total <= 1:
+        return peak
+    return peak * cosine((step - 1) / (total - 1), min_frac)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256) -> dict:
+    """Held-out accuracy: greedy, and the mean over `samples` sampled responses."""
+    greedy, sampled = [], []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in chunk]
+        greedy.append(score(generate(model, proc, prompts, 1, sampling, greedy=True).texts, chunk, 1)[1])
+        if samples:
+            sampled.append(score(generate(model, proc, prompts, samples, sampling).texts, chunk, samples)[1])
+    out = {"greedy": float(torch.cat(greedy).mean())}
+    if samples:
+        out["sampled"] = float(torch.cat(sampled).mean())
+    return out
+
+
+class Run:
+    """Everything one invocation shares: π_0, data, the log, and the results so far.
+    `writer`: under torchrun every rank keeps the same results and rank 0 alone writes them."""
+
+    def __init__(self, args, preset, model0, proc, writer: bool = True):
+        self.args, self.p, self.model0, self.proc, self.writer = args, preset, model0, proc, writer
+        self.domains = args.experts
+        self.rng = random.Random(args.seed)
+        self.train = {d: load_domain(d, "train", preset.train_pool, args.seed, preset.difficulty, args.data)
+                      for d in self.domains}
+        self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
+                        for d in self.domains}
+        self.results, self.curves, self.divergence = {}, {}, {}
+        self.skipped_in_a_row = {}
+        self.completed, self.models = [], {}     # finished stages; finished models later stages need
+        self.resume, self.lines = None, 0
+        metrics = os.path.join(args.out, "metrics.jsonl")
+        if args.resume:
+            self._load_checkpoint(metrics)
+        self.log_file = open(metrics if writer else os.devnull, "a" if self.resume else "w")
+        self.t0 = time.time()
+
+    # -- prompts
+
+    def prompts(self, domain: str, n: int) -> list:
+        return [self.rng.choice(self.train[domain]) for _ in range(n)]
+
+    def mixed_prompts(self, n: int) -> list:
+        """An equal share of each domain (the union D_1 ∪ … ∪ D_K)."""
+        per = [n // len(self.domains) + (i < n % len(self.domains)) for i in range(len(self.domains))]
+        return [ex for d, k in zip(self.domains, per) for ex in self.prompts(d, k)]
+
+    # -- the log, the guard, the learning rate
+
+    def progress(self, iterable, **bar):
+        """A progress bar over a loop's steps (under torchrun, rank 0's only)."""
+        return tqdm(iterable, leave=False, disable=not self.writer, **bar)
+
+    def log(self, **row):
+        row["time"] = round(time.time() - self.t0, 2)
+        self.log_file.write(json.dumps(row) + "\n")
+        self.log_file.flush()
+        self.lines += 1
+
+    def check_finite(self, model: str, step: int, stats: dict):
+        """A step with a non-finite loss or gradient is skipped by the update (rlvr.update);
+        MAX_SKIPPED_IN_A_ROW of them in a row mean training has diverged: stop."""
+        skipped = bool(stats.get("skipped"))
+        self.skipped_in_a_row[model] = self.skipped_in_a_row.get(model, 0) + 1 if skipped else 0
+        if self.skipped_in_a_row[model] >= MAX_SKIPPED_IN_A_ROW:
+            raise TrainingError(f"{model}: {MAX_SKIPPED_IN_A_ROW} steps in a row had a non-finite "
+                                f"loss or gradient (last at step {step}); stopping")
+
+    def optimizer(self, model):
+        trainable = [p for p in model.parameters() if p.requires_grad]   # with LoRA: the adapters
+        return torch.optim.AdamW(trainable, lr=self.p.lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    def set_lr(self, opts, step: int, total: int) -> float:
+        """Every loop (an expert, mixed, OPD, MOPD, CoPD's branches) decays over its own `total`
+        updates. A function of the step, not a scheduler's state, so a resumed run agrees."""
+        lr = learning_rate(self.p.lr, step, total, self.p.lr_schedule, self.p.min_lr_frac)
+        for opt in opts:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        return lr
+
+    # -- evaluation
+
+    def evaluate(self, models: dict, step: int, final: bool = False, team=None) -> dict:
+        """Held-out accuracy of each {name: model} on every domain: logged, kept for the curves,
+        returned as {name: {domain: {"greedy", "sampled"?}}}. The final eval uses the larger set
+        and sampled responses too. `team` (copd.Branches or parallel.RankBranches) decides which
+        process measures which model; every process learns every result."""
+        def measure(name, model):
+            size = self.p.eval_size if final else self.p.curve_eval_size
+            # its own seed: the same samples whichever process evaluates
+            torch.manual_seed(branch_seed(f"{self.args.seed}:eval:{step}:{final}", name))
+            return {d: accuracy(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
+                                self.p.eval_samples if final else 0) for d in self.domains}
+        results = team.measure(measure, models) if team else {n: measure(n, m) for n, m in models.items()}
+        for name, accs in results.items():
+            self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)
+            if not final:   # the final eval uses a larger set: it would put a jump at the curve's end
+                self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
+        return results
+
+    def record(self, method: str, accs: dict):
+        """A method's final accuracies into the results table."""
+        row = {d: round(a["greedy"], 4) for d, a in accs.items()}
+        row["average"] = round(sum(row.values()) / len(row), 4)
+        self.results[method] = row
+        if any("sampled" in a for a in accs.values()):
+            self.results.setdefault("_sampled", {})[method] = {d: round(a["sampled"], 4) for d, a in accs.items()}
+
+    # -- stages, checkpoints and resuming
+
+    def todo(self, stage: str) -> bool:
+        return stage not in self.completed
+
+    def done(self, stage: str, **keep):
+        """Mark a stage finished, keeping the models that later stages need."""
+        self.models.update(keep)
+        self.completed.append(stage)
+
+    def begin_loop(self, loop: str, models: dict, optimizers: dict) -> int:
+        """The step a training loop starts after: 0, or where the checkpoint being resumed left
+        it (its weights, optimizer state and RNG states are loaded here)."""
+        snap = self.resume
+        if snap is None or snap["loop"] != loop:
+            return 0
+        for name, model in models.items():
+            model.load_state_dict(snap["loop_models"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(snap["loop_optimizers"][name])
+        set_rng_state(self.rng, snap["rng"])
+        self.resume = None
+        return snap["step"]
+
+    def end_of_step(self, loop: str, step: int, models: dict, optimizers: dict, where: str = ""):
+        """Checkpoint every --ckpt-every steps of any loop."""
+        every = self.args.ckpt_every
+        if not every or step % every:
+            return
+        save_checkpoint(self.args.out, {
+            "loop": loop, "step": step, "where": where or f"{loop} step {step}",
+            "completed": list(self.completed), "models": {k: m.state_dict() for k, m in self.models.items()},
+            "loop_models": {k: m.state_dict() for k, m in models.items()},
+            "loop_optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "rng": rng_state(self.rng), "results": self.results, "curves": self.curves,
+            "divergence": self.divergence, "skipped": self.skipped_in_a_row, "metrics_lines": self.lines})
+
+    def _load_checkpoint(self, metrics: str):
+        path, snap = load_latest(self.args.out)
+        if snap is None:
+            print(f"no checkpoint in {self.args.out}: starting from the beginning")
+            return
+        print(f"resuming from {path}, {snap['where']}")
+        self.resume = snap
+        self.completed, self.results = snap["completed"], snap["results"]
+        self.curves, self.divergence = snap["curves"], snap["divergence"]
+        self.skipped_in_a_row = snap["skipped"]
+        for name, state in snap["models"].items():
+            self.models[name] = clone_policy(self.model0)
+            self.models[name].load_state_dict(state)
+        self.lines = snap["metrics_lines"]
+        with open(metrics) as f:   # drop what was logged after the checkpoint
+            kept = f.readlines()[:self.lines]
+        with open(metrics, "w") as f:
+            f.writelines(kept)

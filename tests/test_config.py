@@ -1,0 +1,37 @@
+import pytest
+
+from checkpoint import save_checkpoint
+from config import STAGES, UsageError, parse_args, stages, validate
+
+
+def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
+    steps = lambda *flags: validate(parse_args(["--out", str(tmp_path / "x"), *flags])).steps
+    assert steps("--experts", "text", "--method", "rlvr") == 300
+    assert steps("--experts", "text,image") == 300
+    assert steps("--experts", "text,image,video") == 200
+    assert steps("--experts", "text,image,video", "--steps", "250") == 250   # an explicit T wins
+    assert steps("--experts", "text,image,video", "--preset", "gpu") == 200
+
+
+def test_flags_override_the_preset(tmp_path):
+    p = validate(parse_args(["--out", str(tmp_path / "x"), "--preset", "smoke", "--max-new-tokens", "7",
+                             "--micro-batch", "3", "--opd-loss", "topk", "--loss-agg", "seq", "--lr", "1e-5"]))
+    assert (p.rl.sampling.max_new_tokens, p.rl.micro_batch, p.opd.loss, p.rl.loss_agg, p.lr) == (7, 3, "topk", "seq", 1e-5)
+
+
+def test_validate_writes_and_deletes_nothing(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    save_checkpoint(str(out), {"step": 1})
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UsageError, match="already holds a run"):
+        validate(parse_args(["--out", str(out)]))
+    validate(parse_args(["--out", str(out), "--overwrite"]))
+    assert sorted(p.name for p in out.iterdir()) == before
+    validate(parse_args(["--out", str(tmp_path / "new")]))
+    assert not (tmp_path / "new").exists()
+
+
+def test_every_method_runs_its_stages():
+    assert stages("copd") == ("base", "copd") and stages("rlvr") == ("base", "experts")
+    assert STAGES["all"] == ("base", "experts", "mixed", "opd", "mopd", "copd")
