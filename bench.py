@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from policy import Prompt, TinyConfig, build_tiny_policy, build_tokenizer, make_processor
+from report import kv_bytes_per_token
 from rollout import SamplingConfig, generate
 
 SHAPES = {
@@ -72,10 +73,8 @@ def bench_sampler(name, device, dtype, batch, prompt_len, new_tokens, bandwidth,
     theirs = timed(hf, device, repeats)
     tokens = batch * new_tokens
     # decoding reads every weight once per step, and the KV cache so far
-    cfg_t = model.config.get_text_config()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = 2 * cfg_t.num_hidden_layers * cfg_t.num_key_value_heads * (
-        cfg_t.hidden_size // cfg_t.num_attention_heads) * torch.finfo(dtype).bits // 8
+    kv_per_token = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
     avg_len = prompt_len + new_tokens / 2
     step_bytes = weight_bytes + batch * avg_len * kv_per_token
     floor = tokens / (new_tokens * step_bytes / bandwidth)
@@ -86,19 +85,20 @@ def bench_sampler(name, device, dtype, batch, prompt_len, new_tokens, bandwidth,
             "bandwidth_floor_tok_s": round(floor, 1), "fraction_of_floor": round(tokens / ours / floor, 4)}
 
 
-def bench_copd_step(device, dtype):
-    """Wall time of the pieces of one CoPD Phase II step for one branch (tiny policy)."""
+def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd=None):
+    """Wall time of the pieces of one CoPD Phase II step for one branch: by default the tiny
+    policy with the cpu preset's batches (16x8 GRPO + 16x4 OPD rollouts)."""
     from opd import OPDConfig, opd_batch
     from rlvr import RLConfig, grpo_batch, loss_weights, backward_tokens
     from tasks import builtin_examples
+    rl = rl or RLConfig(prompts_per_step=16, group_size=8, sampling=SamplingConfig(max_new_tokens=10))
+    opd = opd or OPDConfig(prompts_per_step=16, samples_per_prompt=4)
     tok = build_tokenizer()
-    student = build_tiny_policy(tok).to(device=device, dtype=dtype)
+    student = build_tiny_policy(tok, tiny).to(device=device, dtype=dtype)
     teacher = copy.deepcopy(student)
     proc = make_processor(tok, student)
-    rl = RLConfig(prompts_per_step=16, group_size=8, sampling=SamplingConfig(max_new_tokens=10))
-    opd = OPDConfig(prompts_per_step=16, samples_per_prompt=4)
-    own = builtin_examples("text", "train", 16, 0)
-    other = builtin_examples("image", "train", 16, 0)
+    own = builtin_examples("text", "train", rl.prompts_per_step, 0)
+    other = builtin_examples("image", "train", opd.prompts_per_step, 0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     times = {}
 
@@ -129,12 +129,133 @@ def bench_copd_step(device, dtype):
     return [{"phase": k, "seconds": round(v, 4), "share": round(v / total, 3)} for k, v in times.items()]
 
 
+# -----------------------------------------------------------------------------
+# the GPU check: every GPU claim of this repository measured in one call
+#
+#     python bench.py --check --out gpu_check                            # one GPU, under 8 minutes
+#     python bench.py --check --device cpu --quick --out /tmp/check      # the same steps on CPU, ~1 min
+
+def _sh(cmd: list, timeout: float, env: dict | None = None):
+    """(return code or "timeout", seconds, last lines of the output) of a command."""
+    import os
+    import subprocess
+    import sys
+    t = time.perf_counter()
+    try:
+        r = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout,
+                           env={**os.environ, **(env or {})})
+        code, out = r.returncode, r.stdout + r.stderr
+    except subprocess.TimeoutExpired as e:
+        code, out = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+    return code, round(time.perf_counter() - t, 1), "\n".join(out.strip().splitlines()[-15:])
+
+
+def check_copd_run(out: str, preset: str, budget_s: float) -> dict:
+    """`train.py --method copd` at `preset`: its wall time, or, cut at `budget_s`, the updates it
+    reached and the time all K·T updates would take at that pace (extrapolated, final evaluation
+    not included)."""
+    import json
+    import os
+    from config import presets
+    cmd = ["train.py", "--experts", "text,image", "--method", "copd", "--preset", preset, "--out", out, "--overwrite"]
+    code, seconds, tail = _sh(cmd, budget_s)
+    row = {"command": "python " + " ".join(cmd), "exit": code, "seconds": seconds}
+    if code == 0:
+        return {**row, "wall_s": seconds, "how": "measured, start to finish (π_0 included unless cached)"}
+    metrics = os.path.join(out, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
+    trained = [r for r in rows if r.get("kind") == "train" and r["model"].startswith("copd:")]
+    total = 2 * presets()[preset].steps
+    if code != "timeout" or not trained:
+        return {**row, "error": tail}
+    done, at = trained[-1]["step"], trained[-1]["time"]
+    startup = seconds - at          # π_0 and the first eval, before the loop's clock started
+    return {**row, "updates_done": done, "updates_total": total, "loop_s": at,
+            "wall_s": round(startup + at / done * total, 1),
+            "how": f"extrapolated from the first {done} of {total} updates (final evaluation not included)"}
+
+
+def gpu_check(device: str, quick: bool, out: str) -> dict:
+    """The GPU tests, the sampler against HF `generate` and the floor, one CoPD step's
+    breakdown at the gpu preset, the gpu preset's CoPD wall time, and a 2-rank NCCL run when two
+    GPUs exist. Writes OUT/check.json and OUT/check.md; returns the JSON."""
+    import json
+    import os
+    from config import presets
+    os.makedirs(out, exist_ok=True)
+    cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.perf_counter()
+
+    code, seconds, tail = _sh(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_rollout.py"], 300)
+    result["tests"] = {"command": "python -m pytest -q tests/test_rollout.py", "exit": code, "seconds": seconds,
+                       "summary": tail.splitlines()[-1] if tail else ""}
+
+    bandwidth = measure_bandwidth(device)
+    cases = ([("tiny", 8, 16, 16)] if quick else
+             [(shape, batch, 64, 256) for shape in ("tiny", "qwen2-0.5b") for batch in (64, 256)])
+    result["sampler"] = [bench_sampler(name, device, dtype, b, p, n, bandwidth, repeats=1 if quick else 2)
+                         for name, b, p, n in cases]
+
+    preset = presets()["smoke" if quick else "gpu"]
+    result["copd_step"] = {"preset": "smoke" if quick else "gpu",
+                           "phases": bench_copd_step(device, dtype, preset.tiny, preset.rl, preset.opd)}
+
+    result["copd_run"] = check_copd_run(os.path.join(out, "copd-run"), "smoke" if quick else "gpu",
+                                        budget_s=120 if quick else 210)
+
+    if cuda and torch.cuda.device_count() >= 2:
+        cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--experts", "text,image", "--method", "copd", "--preset", "smoke", "--out",
+               os.path.join(out, "nccl"), "--overwrite"]
+        code, seconds, tail = _sh(cmd, 240)
+        result["nccl"] = {"exit": code, "seconds": seconds, **({} if code == 0 else {"error": tail})}
+    else:
+        result["nccl"] = {"skipped": "needs two GPUs" if cuda else "no GPU"}
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    with open(os.path.join(out, "check.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(out, "check.md"), "w") as f:
+        f.write(check_table(result) + "\n")
+    return result
+
+
+def check_table(r: dict) -> str:
+    """The check as markdown: what ran, what it measured."""
+    lines = [f"# GPU check: {r['device']}, torch {r['torch']}" + (" (--quick)" if r["quick"] else ""), "",
+             f"Started {r['started']}, {r['total_s']} s in all.", "",
+             f"Tests (`{r['tests']['command']}`): exit {r['tests']['exit']}, {r['tests']['summary']}", "",
+             "| shape | batch | prompt | new | ours tok/s | HF generate tok/s | speed-up | floor tok/s | of floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s['shape']} | {s['batch']} | {s['prompt_len']} | {s['new_tokens']} | {s['ours_tok_s']:.0f} | "
+              f"{s['hf_generate_tok_s']:.0f} | x{s['speedup_vs_hf_generate']:.2f} | {s['bandwidth_floor_tok_s']:.0f} | "
+              f"{100 * s['fraction_of_floor']:.1f}% |" for s in r["sampler"]]
+    step = r["copd_step"]
+    lines += ["", f"One CoPD Phase II step of one branch ({step['preset']} preset):", "",
+              "| piece | seconds | share |", "|---|---|---|"]
+    lines += [f"| {p['phase']} | {p['seconds']:.3f} | {100 * p['share']:.0f}% |" for p in step["phases"]]
+    run = r["copd_run"]
+    wall = f"{run['wall_s'] / 60:.1f} min, {run['how']}" if "wall_s" in run else f"failed: {run.get('error', '')[-300:]}"
+    lines += ["", f"`{run['command']}`: {wall}.", "",
+              "NCCL, 2 ranks: " + (r["nccl"]["skipped"] if "skipped" in r["nccl"] else f"exit {r['nccl']['exit']}, "
+                                   f"{r['nccl']['seconds']} s")]
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--quick", action="store_true", help="small sizes (a check that it runs)")
+    ap.add_argument("--check", action="store_true", help="the one-call GPU check: tests, sampler, CoPD step, "
+                                                          "gpu preset wall time, NCCL (writes OUT/check.json, check.md)")
+    ap.add_argument("--out", default="gpu_check", help="--check writes here")
     args = ap.parse_args()
+    if args.check:
+        print(check_table(gpu_check(args.device, args.quick, args.out)))
+        return
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32

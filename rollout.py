@@ -12,6 +12,7 @@ The response mask covers every token up to and including the first EOS; it is bu
 positions, never from token ids (pad may equal EOS).
 """
 
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -202,27 +203,54 @@ def generate_static(model, proc, prompts: list, group_size: int = 1, cfg: Sampli
         s["done"].copy_(torch.isin(tok, s["eos"]))
         s["token"].copy_(tok[:, None])
 
-    if capture and s["graph"] is None:
-        reset()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):                                # warm-up outside the graph
-            for _ in range(2):
-                _static_step(model, proc, cfg, greedy, s)
-        torch.cuda.current_stream().wait_stream(side)
-        reset()
-        s["graph"] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(s["graph"]):
-            _static_step(model, proc, cfg, greedy, s)
+    if capture and not _GRAPH_FAILURES:
+        try:
+            if s["graph"] is None:
+                s["graph"] = _capture(model, proc, cfg, greedy, s, reset)
+            reset()
+            _decode(s, T, cfg, s["graph"].replay)
+            return finish(proc, prompts, G, s["tokens"][:, :T].clone(), s["logps"][:, :T].clone())
+        except Exception as e:   # capture or replay failed: decode with the same step, eagerly
+            _graph_failed(e)
+            s["graph"] = None
     reset()
-    for i in range(1, T):
-        if capture:
-            s["graph"].replay()
-        else:
+    _decode(s, T, cfg, lambda: _static_step(model, proc, cfg, greedy, s))
+    return finish(proc, prompts, G, s["tokens"][:, :T].clone(), s["logps"][:, :T].clone())
+
+
+def _capture(model, proc, cfg, greedy, s, reset):
+    """The decode step as a CUDA graph, after two warm-up steps on a side stream."""
+    reset()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
             _static_step(model, proc, cfg, greedy, s)
+    torch.cuda.current_stream().wait_stream(side)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _static_step(model, proc, cfg, greedy, s)
+    return graph
+
+
+def _decode(s, T: int, cfg: SamplingConfig, step):
+    """Tokens 2..T: `step` (a graph replay or the eager step) until every row is done."""
+    for i in range(1, T):
+        step()
         if i % cfg.done_check_every == 0 and bool(s["done"].all()):   # the only host sync
             break
-    return finish(proc, prompts, G, s["tokens"][:, :T].clone(), s["logps"][:, :T].clone())
+
+
+_GRAPH_FAILURES = []   # once a capture or replay fails, every later call decodes eagerly
+
+
+def _graph_failed(error: Exception):
+    if not _GRAPH_FAILURES:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        print(f"warning: CUDA graph decoding failed ({first}); sampling with the static cache, eagerly, "
+              "from now on", file=sys.stderr, flush=True)
+    _GRAPH_FAILURES.append(error)
 
 
 def _layer_kv(cache):

@@ -124,3 +124,47 @@ def test_cuda_graph_sampler_matches_teacher_forced_logprobs(tiny):
         torch.manual_seed(0)
         rollout = generate(model, proc, prompts, group_size=3, cfg=cfg)
         assert torch.allclose(teacher_forced(model, proc, rollout, cfg), rollout.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("broken", ["capture", "replay"])
+def test_a_failing_cuda_graph_falls_back_to_the_eager_static_path(tiny, monkeypatch, capsys, broken):
+    """Forced on the CPU: the graph path fails, one warning line, and the samples are still
+    right (log-probs equal teacher-forced ones); later calls go straight to the eager path."""
+    import rollout
+    from rollout import generate_static
+    model, proc = tiny
+    prompts = mixed_prompts(proc)
+    cfg = SamplingConfig(max_new_tokens=8)
+    monkeypatch.setattr(rollout, "_GRAPH_FAILURES", [])
+
+    class BrokenGraph:
+        def replay(self):
+            raise RuntimeError("CUDA error: forced replay failure\nmore detail")
+
+    def capture(*args):
+        if broken == "capture":
+            raise RuntimeError("CUDA error: forced capture failure")
+        return BrokenGraph()
+    monkeypatch.setattr(rollout, "_capture", capture)
+    for _ in range(2):
+        rollout_ = generate_static(model, proc, prompts, group_size=2, cfg=cfg, capture=True)
+        assert torch.allclose(teacher_forced(model, proc, rollout_, cfg), rollout_.logprobs, atol=1e-4)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: CUDA graph decoding failed (CUDA error: forced")
+    assert len(rollout._GRAPH_FAILURES) == 1            # the second call did not try the graph again
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_bf16_sampler_logprobs_stay_within_tolerance(tiny, device):
+    """In bf16 the sampler's cached decode and the teacher-forced forward round differently.
+    The bound: |Δ log π| ≤ 0.05, so the ratio ρ at step 0 stays within 1 ± 5%, far inside the
+    clip (ε = 0.2). On CUDA this is the CUDA-graph path. (Measured on CPU: at most 0.008.)"""
+    model, proc = tiny
+    model = copy.deepcopy(model).to(device=device, dtype=torch.bfloat16)
+    cfg = SamplingConfig(max_new_tokens=12)
+    for seed in range(2):                                   # on CUDA the second call replays the graph
+        torch.manual_seed(seed)
+        rollout = generate(model, proc, mixed_prompts(proc), group_size=3, cfg=cfg)
+        gap = (teacher_forced(model, proc, rollout, cfg) - rollout.logprobs).abs().max().item()
+        assert gap <= 0.05, gap
