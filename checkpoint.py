@@ -5,7 +5,8 @@ A checkpoint is one file `OUT/ckpt-NNNNN.pt` holding everything the run needs to
 it had never stopped: the weights and optimizer state of the loop in progress, the finished
 models later methods need (the experts), the RNG states, the loop's step, which stages are
 done, the results, curves and divergence measurements so far, and how many lines of
-metrics.jsonl they account for. It is written to a temporary name and renamed only when
+metrics.jsonl they account for, and the settings that define the run (a resume with other
+settings is refused). It is written to a temporary name and renamed only when
 complete (a rename is atomic), and only the newest two are kept.
 """
 
@@ -53,8 +54,29 @@ def list_checkpoints(out: str) -> list:
     return sorted(glob.glob(os.path.join(out, "ckpt-[0-9][0-9][0-9][0-9][0-9].pt")))
 
 
+def _read(path: str, mmap: bool = False):
+    return torch.load(path, weights_only=False, mmap=mmap)
+
+
 def load_latest(out: str):
-    found = list_checkpoints(out)
-    if not found:
-        return None, None
-    return found[-1], torch.load(found[-1], weights_only=False)
+    """(path, snapshot, unreadable paths) of the newest checkpoint that loads: a newest one that
+    is truncated or corrupt (a disk filled up, a copy cut short) gives way to the one before it.
+    (None, None, unreadable) when none loads."""
+    unreadable = []
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return path, _read(path), unreadable
+        except Exception:   # torch raises RuntimeError, EOFError or pickle's errors on a damaged file
+            unreadable.append(path)
+    return None, None, unreadable
+
+
+def recorded_settings(out: str):
+    """The settings the newest readable checkpoint was written under (cheap: tensors are mapped,
+    not read), or None when there is none, or it predates recorded settings."""
+    for path in reversed(list_checkpoints(out)):
+        try:
+            return _read(path, mmap=True).get("settings")
+        except Exception:
+            continue
+    return None

@@ -9,17 +9,18 @@ Method names are spelled here and only here: train.py and report.py use these tu
 import argparse
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 
 import torch
 
 import parallel
-from checkpoint import list_checkpoints
+from checkpoint import list_checkpoints, recorded_settings
 from opd import OPDConfig
 from policy import TinyConfig, load_policy, prepare_for_training
 from rlvr import RLConfig
 from rollout import SamplingConfig
-from tasks import DOMAINS
+from tasks import DOMAINS, DataError, load_domain
 from warmstart import WarmStartConfig, warm_start
 
 METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "all")
@@ -28,6 +29,7 @@ STAGES = {"all": ("base", "experts", "mixed", "opd", "mopd", "copd"), "rlvr": ("
 NEEDS_TWO_DOMAINS = ("mixed", "opd", "mopd", "copd", "all")
 TOPOLOGIES = ("hub", "all-pairs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name on the Hugging Face Hub
 
 
 def stages(method: str) -> tuple:
@@ -103,6 +105,8 @@ def parse_args(argv=None, description: str = ""):
     ap.add_argument("--topology", default="hub", help=" | ".join(TOPOLOGIES) + " (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="response length cap (overrides the preset)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="refuse longer --data prompts (default: the model's context minus --max-new-tokens)")
     ap.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (overrides the preset)")
     ap.add_argument("--dtype", default="fp32", help="fp32 | bf16: the weights' dtype (bf16 halves them)")
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing: recompute activations in backward")
@@ -140,20 +144,30 @@ def validate(args) -> Preset:
             raise UsageError(f"--data expects DOMAIN=PATH with DOMAIN in {', '.join(DOMAINS)}, got '{item}'")
         data[domain] = path
     args.data = data
-    if args.model and os.path.sep in args.model and not os.path.isdir(args.model):
-        raise UsageError(f"--model {args.model}: no such folder")
+    if args.model and not os.path.isdir(args.model):
+        if os.path.exists(args.model):
+            raise UsageError(f"--model {args.model}: not a folder (pass the checkpoint's folder)")
+        if not HUB_NAME_RE.match(args.model):
+            raise UsageError(f"--model {args.model}: no such folder (nor a hub name like Qwen/Qwen2.5-VL-3B-Instruct)")
+    for flag, name in ((args.steps, "--steps"), (args.max_new_tokens, "--max-new-tokens"),
+                       (args.micro_batch, "--micro-batch"), (args.max_prompt_tokens, "--max-prompt-tokens")):
+        if flag is not None and flag < 1:
+            raise UsageError(f"{name} must be at least 1, got {flag}")
+    if args.ckpt_every < 0:
+        raise UsageError(f"--ckpt-every must be 0 (never) or a positive number of steps, got {args.ckpt_every}")
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
+    check_device(args.device)
     args.out = args.out or os.path.join("runs", f"{args.method}-{'-'.join(args.experts)}-s{args.seed}")
+    check_out(args.out)
     earlier = os.path.exists(os.path.join(args.out, "results.json")) or list_checkpoints(args.out)
     if earlier and not (args.overwrite or args.resume):
         raise UsageError(f"{args.out} already holds a run: pass --resume, --overwrite or another --out")
     preset = presets()[args.preset]
-    if args.steps:
+    if args.steps is not None:
         preset.steps = args.steps
     elif preset.max_total_steps:
         preset.steps = min(preset.steps, preset.max_total_steps // len(args.experts))
-    for flag, name in ((args.max_new_tokens, "--max-new-tokens"), (args.micro_batch, "--micro-batch")):
-        if flag is not None and flag < 1:
-            raise UsageError(f"{name} must be at least 1")
     if args.lr is not None:
         if not (math.isfinite(args.lr) and args.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {args.lr}")
@@ -170,7 +184,72 @@ def validate(args) -> Preset:
             if flag not in choices:
                 raise UsageError(f"unknown value '{flag}' (choose from {', '.join(choices)})")
             setattr(target, name, flag)
+    if args.resume:
+        check_resume(args.out, settings(args, preset))
     return preset
+
+
+def check_device(device: str):
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch ({torch.__version__}) has no CUDA, or sees no GPU; "
+                         "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} GPUs")
+
+
+def check_out(out: str):
+    """--out must be a folder this process can write (noticed now, not after π_0 is built)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out}: a file, not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise UsageError(f"--out {out}: cannot write in {parent}")
+
+
+def settings(args, preset: Preset) -> dict:
+    """The flags that define a run's results, as resolved: every checkpoint records them, and a
+    --resume under other values is refused."""
+    return {"--experts": ",".join(args.experts), "--method": args.method, "--preset": args.preset,
+            "--seed": args.seed, "--steps": preset.steps, "--model": args.model,
+            "--data": ",".join(f"{d}={p}" for d, p in sorted(args.data.items())), "--lr": preset.lr,
+            "--lr-schedule": preset.lr_schedule, "--opd-loss": preset.opd.loss, "--loss-agg": preset.rl.loss_agg,
+            "--advantage": preset.rl.advantage, "--topology": args.topology,
+            "--max-new-tokens": preset.rl.sampling.max_new_tokens, "--dtype": args.dtype, "--lora-rank": args.lora_rank}
+
+
+def check_resume(out: str, now: dict):
+    before = recorded_settings(out)
+    if not before:    # nothing to resume yet, or a checkpoint from before settings were recorded
+        return
+    differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items() if before.get(flag) != value]
+    if differ:
+        raise UsageError(f"--resume: {out} holds a run with other settings: {'; '.join(differ)}. Resume with "
+                         "its settings, or start over with --overwrite")
+
+
+def check_data(args, preset: Preset, model, proc):
+    """Every --data file read whole (each row validated, naming file:line) and every prompt
+    within the token limit: --max-prompt-tokens, or the model's context minus the response."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    limit = args.max_prompt_tokens or (context - preset.rl.sampling.max_new_tokens if context else None)
+    for domain in args.data:
+        rows = load_domain(domain, "train", 10**9, args.seed, preset.difficulty, args.data)
+        rows += load_domain(domain, "heldout", 10**9, args.seed, preset.difficulty, args.data)
+        for ex in rows if limit else []:
+            count = lambda text: len(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
+            n = count(ex.prompt[:20 * limit])   # a prefix first: a 10 MB prompt is refused in a moment
+            if n <= limit < len(ex.prompt) // 20:
+                n = count(ex.prompt)
+            if n > limit:
+                raise DataError(f"{ex.source}: the prompt is {'at least ' if len(ex.prompt) > 20 * limit else ''}"
+                                f"{n} tokens, over the limit of {limit} (the model's context minus "
+                                "--max-new-tokens, or --max-prompt-tokens)")
 
 
 def start_ranks(args, preset: Preset):
@@ -200,7 +279,12 @@ def load_base(args, preset: Preset):
         try:
             model, proc = load_policy(args.model, dtype=DTYPES[args.dtype], device=args.device)
         except (OSError, ValueError, KeyError) as e:
-            raise UsageError(f"--model {args.model}: cannot load it ({str(e).splitlines()[0]})") from None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not os.path.isdir(args.model):   # a hub name
+                raise UsageError(f"--model {args.model}: could not fetch it from the Hugging Face Hub ({why}); "
+                                 f"without internet, download it elsewhere (huggingface-cli download {args.model} "
+                                 "--local-dir DIR), copy DIR here and pass --model DIR") from None
+            raise UsageError(f"--model {args.model}: cannot load it ({why})") from None
     else:
         model, proc = warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed,
                                  device=args.device)

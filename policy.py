@@ -20,12 +20,14 @@ import inspect
 import json
 import os
 import string
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -314,23 +316,35 @@ def load_policy(name_or_path: str, dtype=torch.float32, device="cpu"):
     image settings. Returns (model, processor). Vision-language configs load as image-text-to-
     text models, anything else as a causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    _hf_bars_on_terminals_only()
     config = AutoConfig.from_pretrained(name_or_path)
     auto = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
     model = auto.from_pretrained(name_or_path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if not tokenizer.chat_template and os.path.isfile(os.path.join(name_or_path, "chat_template.jinja")):
-        tokenizer.chat_template = open(os.path.join(name_or_path, "chat_template.jinja")).read()
+    template = _checkpoint_file(name_or_path, "chat_template.jinja")
+    if not tokenizer.chat_template and template:
+        tokenizer.chat_template = open(template).read()
     pre = None
-    pre_file = os.path.join(name_or_path, "preprocessor_config.json")
-    if os.path.isfile(pre_file):
+    pre_file = _checkpoint_file(name_or_path, "preprocessor_config.json")
+    if pre_file:
         with open(pre_file) as f:
             pre = json.load(f)
     return model, make_processor(tokenizer, model, pre)
 
 
+def _hf_bars_on_terminals_only():
+    if not sys.stderr.isatty():   # transformers' loading and saving bars, in a log file, are noise
+        transformers.utils.logging.disable_progress_bar()
+
+
+def _checkpoint_file(name_or_path: str, filename: str):
+    """One file of a checkpoint (a folder, or a hub name: the hub cache), or None if it has none."""
+    return transformers.utils.cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                                          _raise_exceptions_for_connection_errors=False)
+
+
 # -----------------------------------------------------------------------------
-# memory options for real models: bf16 weights (load_policy's dtype), gradient checkpointing,
-# LoRA experts that share one frozen base
+# memory options: bf16 weights (load_policy's dtype), gradient checkpointing, LoRA experts
 
 LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"   # the LM, not the vision tower
 
@@ -375,6 +389,7 @@ def folded(model):
 
 def save_policy(model, proc: Processor, path: str):
     """HF format: `load_policy(path)` (or any transformers user) reads it back."""
+    _hf_bars_on_terminals_only()
     model.save_pretrained(path)
     proc.tokenizer.save_pretrained(path)
     if proc.is_vl:

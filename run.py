@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -71,8 +72,9 @@ class Run:
     """Everything one invocation shares: π_0, data, the log, and the results so far.
     `writer`: under torchrun every rank keeps the same results and rank 0 alone writes them."""
 
-    def __init__(self, args, preset, model0, proc, writer: bool = True):
+    def __init__(self, args, preset, model0, proc, writer: bool = True, settings: dict | None = None):
         self.args, self.p, self.model0, self.proc, self.writer = args, preset, model0, proc, writer
+        self.settings = settings or {}     # the flags that define the run, recorded in every checkpoint
         self.domains = args.experts
         self.rng = random.Random(args.seed)
         self.train = {d: load_domain(d, "train", preset.train_pool, args.seed, preset.difficulty, args.data)
@@ -87,7 +89,7 @@ class Run:
         if args.resume:
             self._load_checkpoint(metrics)
         self.log_file = open(metrics if writer else os.devnull, "a" if self.resume else "w")
-        self.t0 = time.time()
+        self.t0 = self.stage_t0 = time.time()
 
     # -- prompts
 
@@ -102,8 +104,10 @@ class Run:
     # -- the log, the guard, the learning rate
 
     def progress(self, iterable, **bar):
-        """A progress bar over a loop's steps (under torchrun, rank 0's only)."""
-        return tqdm(iterable, leave=False, disable=not self.writer, **bar)
+        """A progress bar over a loop's steps, on a terminal only (disable=None: not when the
+        output goes to a file) and under torchrun on rank 0 only. `record` prints the line
+        that stays."""
+        return tqdm(iterable, leave=False, disable=None if self.writer else True, **bar)
 
     def log(self, **row):
         row["time"] = round(time.time() - self.t0, 2)
@@ -153,8 +157,13 @@ class Run:
                 self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
         return results
 
-    def record(self, method: str, accs: dict):
-        """A method's final accuracies into the results table."""
+    def record(self, method: str, accs: dict, steps: int = 0):
+        """A method's final accuracies into the results table, and one line that stays in the
+        log: the stage, its steps, its time and the accuracies."""
+        if self.writer:
+            took = time.time() - self.stage_t0   # since the previous stage ended
+            print(f"[{(time.time() - self.t0) / 60:5.1f} min] {method}: {steps} steps, {took:.0f} s; held-out greedy "
+                  + ", ".join(f"{d} {100 * a['greedy']:.1f}%" for d, a in accs.items()), flush=True)
         row = {d: round(a["greedy"], 4) for d, a in accs.items()}
         row["average"] = round(sum(row.values()) / len(row), 4)
         self.results[method] = row
@@ -170,6 +179,7 @@ class Run:
         """Mark a stage finished, keeping the models that later stages need."""
         self.models.update(keep)
         self.completed.append(stage)
+        self.stage_t0 = time.time()
 
     def begin_loop(self, loop: str, models: dict, optimizers: dict) -> int:
         """The step a training loop starts after: 0, or where the checkpoint being resumed left
@@ -196,10 +206,15 @@ class Run:
             "loop_models": {k: m.state_dict() for k, m in models.items()},
             "loop_optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "rng": rng_state(self.rng), "results": self.results, "curves": self.curves,
-            "divergence": self.divergence, "skipped": self.skipped_in_a_row, "metrics_lines": self.lines})
+            "divergence": self.divergence, "skipped": self.skipped_in_a_row, "metrics_lines": self.lines,
+            "settings": self.settings})
 
     def _load_checkpoint(self, metrics: str):
-        path, snap = load_latest(self.args.out)
+        path, snap, unreadable = load_latest(self.args.out)
+        for bad in unreadable:   # renamed, so the run's own checkpointing never keeps it over a good one
+            print(f"warning: {bad} is unreadable (truncated or corrupt); kept as {bad}.unreadable", file=sys.stderr)
+            if self.writer:
+                os.replace(bad, bad + ".unreadable")
         if snap is None:
             print(f"no checkpoint in {self.args.out}: starting from the beginning")
             return

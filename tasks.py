@@ -39,6 +39,7 @@ class Example:
     verifier: str = "exact"               # "math" | "exact" | "choice" (verifiers.py)
     image: np.ndarray | None = None       # (H, W, 3) uint8
     video: np.ndarray | None = None       # (T, H, W, 3) uint8
+    source: str = ""                      # file:line of a JSONL row (for error messages)
 
     def target(self):
         """The response the warm start teaches."""
@@ -122,13 +123,25 @@ def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int
 # -----------------------------------------------------------------------------
 # JSONL
 
-def _load_image(path: str, where: str):
+def _load_image(value, base: str, where: str):
+    """The picture at `value`, a path relative to the JSONL file's folder `base`."""
     from PIL import Image
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: an image must be a file path (a string), got {json.dumps(value)}")
+    path = os.path.join(base, value)
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))   # a writable copy
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{where}: image '{path}' is too large to load ({e})") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot read image '{path}' ({e.__class__.__name__})") from None
+
+
+def _answer(value, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+        raise DataError(f"{where}: 'answer' must be a non-empty string or a number, got {json.dumps(value)}")
+    return str(value)
 
 
 def load_jsonl(path: str, domain: str) -> list:
@@ -137,11 +150,15 @@ def load_jsonl(path: str, domain: str) -> list:
         raise DataError(f"{path}: no such file")
     base = os.path.dirname(os.path.abspath(path))
     examples = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -151,12 +168,14 @@ def load_jsonl(path: str, domain: str) -> list:
             verifier = row.get("verifier", "math" if domain == "text" else "exact")
             if verifier not in ("math", "exact", "choice"):
                 raise DataError(f"{where}: unknown verifier '{verifier}' (math, exact or choice)")
-            ex = Example(domain, row["prompt"], str(row["answer"]), verifier)
-            if row.get("image"):
-                ex.image = _load_image(os.path.join(base, row["image"]), where)
-            if row.get("video"):
+            ex = Example(domain, row["prompt"], _answer(row["answer"], where), verifier, source=where)
+            if "image" in row:
+                ex.image = _load_image(row["image"], base, where)
+            if "video" in row:
                 paths = row["video"] if isinstance(row["video"], list) else [row["video"]]
-                frames = [_load_image(os.path.join(base, p), where) for p in paths]
+                if not paths:
+                    raise DataError(f"{where}: 'video' needs at least one frame")
+                frames = [_load_image(p, base, where) for p in paths]
                 if len({fr.shape for fr in frames}) != 1:
                     raise DataError(f"{where}: video frames differ in size")
                 ex.video = np.stack(frames)
@@ -171,7 +190,9 @@ def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, dat
     20% of rows are the held-out split."""
     if domain in data:
         rows = load_jsonl(data[domain], domain)
-        cut = max(1, int(len(rows) * (1 - HELD_OUT_FRACTION))) if len(rows) > 1 else 1
-        part = rows[:cut] if split == "train" else (rows[cut:] or rows[:1])
-        return part[:n]
+        if len(rows) < 2:
+            raise DataError(f"{data[domain]}: one row cannot be split into training and held-out prompts "
+                            f"(the last {HELD_OUT_FRACTION:.0%} of rows are held out): give at least two")
+        cut = max(1, int(len(rows) * (1 - HELD_OUT_FRACTION)))
+        return (rows[:cut] if split == "train" else rows[cut:])[:n]
     return builtin_examples(domain, split, n, seed, difficulty)

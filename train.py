@@ -27,6 +27,7 @@ Where this implementation departs from the paper, on purpose:
 
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -36,7 +37,7 @@ import torch
 
 import parallel
 from checkpoint import list_checkpoints
-from config import UsageError, load_base, parse_args, stages, start_ranks, validate
+from config import UsageError, check_data, load_base, parse_args, settings, stages, start_ranks, validate
 from copd import Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
 from opd import divergence, opd_batch
 from policy import clone_policy, encode_prompt
@@ -75,7 +76,7 @@ def train_experts(run: Run) -> dict:
         name = f"expert:{d}"
         if run.todo(name):
             expert = train_rlvr(run, name, clone_policy(run.model0), [d], T)
-            run.record(name, run.evaluate({name: expert}, T, final=True)[name])
+            run.record(name, run.evaluate({name: expert}, T, final=True)[name], T)
             run.done(name, **{name: expert})
     experts = {d: run.models[f"expert:{d}"] for d in run.domains}
     if run.todo("experts"):
@@ -177,7 +178,7 @@ def run_methods(run: Run, layout=None):
         experts = train_experts(run)
     if "mixed" in wanted and run.todo("mixed"):
         mixed = train_rlvr(run, "mixed", clone_policy(run.model0), run.domains, K * T)
-        run.record("mixed", run.evaluate({"mixed": mixed}, K * T, final=True)["mixed"])
+        run.record("mixed", run.evaluate({"mixed": mixed}, K * T, final=True)["mixed"], K * T)
         run.done("mixed")
     if "opd" in wanted:
         directions = [(a, b) for b in run.domains for a in neighbours(run.domains)[b]]
@@ -185,7 +186,7 @@ def run_methods(run: Run, layout=None):
             name = f"opd:{a}->{b}"
             if run.todo(name):
                 student = train_distill(run, name, clone_policy(experts[b]), {a: experts[a]}, [a], T)
-                run.record(name, run.evaluate({name: student}, T, final=True)[name])
+                run.record(name, run.evaluate({name: student}, T, final=True)[name], T)
                 run.done(name)
         # the summary row: the mean over directions (the paper reports each; so do we)
         rows = [run.results[f"opd:{a}->{b}"] for a, b in directions]
@@ -193,14 +194,14 @@ def run_methods(run: Run, layout=None):
         run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / K, 4)
     if "mopd" in wanted and run.todo("mopd"):
         student = train_distill(run, "mopd", clone_policy(run.model0), experts, run.domains, T)
-        run.record("mopd", run.evaluate({"mopd": student}, T, final=True)["mopd"])
+        run.record("mopd", run.evaluate({"mopd": student}, T, final=True)["mopd"], T)
         run.done("mopd")
     if "copd" in wanted and run.todo("copd"):
         team = train_copd(run, layout)
         merged = team.merge()
         for name, accs in run.evaluate(team.named()[0], K * T, final=True, team=team).items():
-            run.record(name, accs)
-        run.record("copd", run.evaluate({"copd": merged}, K * T, final=True, team=team)["copd"])
+            run.record(name, accs, K * T)
+        run.record("copd", run.evaluate({"copd": merged}, K * T, final=True, team=team)["copd"], K * T)
         run.done("copd")
 
 
@@ -212,7 +213,20 @@ def main(argv=None):
         parallel.stop()
     except parallel.PeerError as e:
         parallel.give_up(e)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted(args, sys.argv[1:] if argv is None else argv), file=sys.stderr)
+        return 130
     return code
+
+
+def interrupted(args, argv: list) -> str:
+    """Ctrl-C: one line with the newest checkpoint and the command that continues from it."""
+    found = list_checkpoints(args.out) if isinstance(args.out, str) else []
+    again = [a for a in argv if a not in ("--overwrite", "--resume")]
+    if not found:
+        return f"interrupted before the first checkpoint; start again with: python train.py {shlex.join(again + ['--overwrite'])}"
+    return f"interrupted; newest checkpoint {found[-1]}; continue with: python train.py {shlex.join(again + ['--resume'])}"
 
 
 def _main(args, rank: int):
@@ -229,6 +243,7 @@ def _main(args, rank: int):
         model0, proc = load_base(args, preset)
         if layout and rank == 0:
             parallel.barrier("the warm start")
+        check_data(args, preset, model0, proc)
         # seeded after π_0 exists: building it reseeds torch, loading it from the cache does not
         torch.manual_seed(args.seed)
         random.seed(args.seed)
@@ -244,7 +259,7 @@ def _main(args, rank: int):
             for old in list_checkpoints(args.out):
                 os.remove(old)
     try:
-        run = Run(args, preset, model0, proc, writer)
+        run = Run(args, preset, model0, proc, writer, settings(args, preset))
         run.log(kind="config", args=vars(args), preset=asdict(preset))
         K, rl, opd = len(run.domains), preset.rl, preset.opd
         if writer:

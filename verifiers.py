@@ -2,17 +2,41 @@
 Verifiable rewards r_d(x, y) = 0.9·correct + 0.1·format (the framework the paper builds on).
 
   extract_answer: the last <answer>…</answer>, else the last \\boxed{…}, else what follows "####".
-  is_correct    : "exact" (normalised string), "math" (numeric, then math-verify for fractions
-                  and LaTeX), "choice" (one option letter).
+  is_correct    : "exact" (normalised string), "math" (below), "choice" (one option letter).
+
+What "math" accepts as equal to the gold answer:
+  - the same plain number: integers, decimals, scientific notation ("1e3" = 1000), fractions
+    ("1/2" = 0.5); a leading sign, "$" and a trailing "." are ignored; commas only as thousands
+    separators ("1,234" = 1234, while "1,2" is not a number and is wrong for gold 12);
+  - otherwise what math-verify proves equal: LaTeX (\\frac{1}{2}, 2^{10}, \\sqrt{4}), an equation
+    whose right-hand side is the value ("x = 3" for 3), a number with words around it
+    ("3 apples" for 3).
+  Everything is bounded, so one sampled response never stalls a batch: an answer over
+  MAX_ANSWER_CHARS characters, a plain number with an exponent over MAX_EXPONENT, and a power
+  tower (a power inside an exponent: 10^{10^{10}}, 9**9**9), an exponent literal over
+  MAX_EXPONENT_DIGITS digits or "1e100000000" are wrong without being evaluated; math-verify runs with a
+  MATH_VERIFY_TIMEOUT_S cap on each of its parses and its comparison (its timeout messages are
+  silenced: a timed-out answer is simply wrong).
 
 A verifier never raises on any model output: a policy can write anything.
 """
 
+import logging
 import re
 from fractions import Fraction
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 CHOICE_RE = re.compile(r"^\(?([A-Za-z])\)?[.):]?(?:\s|$)")
+NUMBER_RE = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][+-]?\d+)?$|^[+-]?\d+/\d+$")
+COMMA_NUMBER_RE = re.compile(r"\d[\d,]*,\d+")
+THOUSANDS_RE = re.compile(r"^\d{1,3}(?:,\d{3})+$")
+EXPONENT_RE = re.compile(r"\^|\*\*")
+SCIENTIFIC_RE = re.compile(r"\d[eE][+-]?(\d+)")
+MAX_ANSWER_CHARS = 200
+MAX_EXPONENT = 1000
+MAX_EXPONENT_DIGITS = 4
+MATH_VERIFY_TIMEOUT_S = 1
+logging.getLogger("math_verify").setLevel(logging.CRITICAL)
 
 
 def _last_boxed(text: str):
@@ -45,18 +69,60 @@ def _normalise(s: str) -> str:
 
 
 def _number(s: str):
-    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    """A plain number as an exact Fraction, or None (not a plain number, or one too large)."""
+    s = s.replace("$", "").strip().rstrip(".")
+    if len(s) > MAX_ANSWER_CHARS or not s or not NUMBER_RE.match(s):
+        return None
+    mantissa, _, exponent = s.lower().partition("e")
+    if exponent and abs(int(exponent)) > MAX_EXPONENT:
+        return None
     try:
-        return Fraction(s)
+        return Fraction(s.replace(",", ""))
     except (ValueError, ZeroDivisionError):
         return None
 
 
+def _bad_commas(s: str) -> bool:
+    """A comma between digits that is not a thousands separator ("1,2")."""
+    return any(not THOUSANDS_RE.match(m) for m in COMMA_NUMBER_RE.findall(s))
+
+
+def _exponent(s: str, at: int) -> str:
+    """The exponent after the power operator ending at `at`: a {braced group} or one token."""
+    if s[at:at + 1] == "{":
+        depth = 0
+        for j in range(at, len(s)):
+            depth += {"{": 1, "}": -1}.get(s[j], 0)
+            if depth == 0:
+                return s[at + 1:j]
+        return s[at + 1:]
+    m = re.match(r"\s*[(]?[-+]?[\w.]+", s[at:])
+    return s[at:at + m.end()] if m else ""
+
+
+def _too_costly(s: str) -> bool:
+    """An answer math-verify could spend seconds or unbounded memory on: too long, a power
+    tower, or an exponent with too many digits."""
+    if len(s) > MAX_ANSWER_CHARS or any(int(e) > MAX_EXPONENT for e in SCIENTIFIC_RE.findall(s)):
+        return True
+    for m in EXPONENT_RE.finditer(s):
+        exponent = _exponent(s, m.end())
+        if EXPONENT_RE.search(exponent) or EXPONENT_RE.match(s[m.end() + len(exponent):].lstrip(" )")):
+            return True
+        if any(len(digits) > MAX_EXPONENT_DIGITS for digits in re.findall(r"\d+", exponent)):
+            return True
+    return False
+
+
 def _math_verify(pred: str, gold: str) -> bool:
     from math_verify import parse, verify
+    if _too_costly(pred) or _too_costly(gold):
+        return False
     try:
-        gold_parsed, pred_parsed = parse(f"${gold}$"), parse(f"${pred}$")
-        return bool(gold_parsed) and bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed))
+        gold_parsed = parse(f"${gold}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        pred_parsed = parse(f"${pred}$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
+        return bool(gold_parsed) and bool(pred_parsed) and bool(
+            verify(gold_parsed, pred_parsed, timeout_seconds=MATH_VERIFY_TIMEOUT_S))
     except Exception:  # its parser can fail on adversarial LaTeX: a wrong answer, never a crash
         return False
 
@@ -75,6 +141,8 @@ def is_correct(pred, gold: str, kind: str = "exact") -> bool:
         a, b = _number(pred), _number(gold)
         if a is not None and b is not None:
             return a == b
+        if b is not None and _bad_commas(pred):
+            return False
         return _normalise(pred) == _normalise(gold) or _math_verify(pred, gold)
     return _normalise(pred) == _normalise(gold)
 

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,7 +68,8 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     # linear warm-up, then cosine down to 10%: π_0 ends settled, not mid-oscillation
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * cosine(s / cfg.steps, 0.1))
     model.train()
-    bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=quiet, leave=False)
+    started = time.time()
+    bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for _ in bar:
         batch = [ex for d in DOMAINS for ex in rng.sample(data[d], cfg.batch_size // len(DOMAINS))]
         loss = sft_loss(model, proc, batch)
@@ -86,4 +88,6 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
         os.replace(tmp, path)
     except OSError:  # another run finished the same π_0 first
         shutil.rmtree(tmp, ignore_errors=True)
+    if not quiet:
+        print(f"π_0: warm start, {cfg.steps} supervised steps, {time.time() - started:.0f} s; cached in {path}", flush=True)
     return load_policy(path, device=device)

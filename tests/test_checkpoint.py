@@ -20,8 +20,8 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_in_place(tmp_path, 
         save_checkpoint(str(tmp_path), {"step": 2, "weights": torch.zeros(3)})
     assert list_checkpoints(str(tmp_path)) == [first]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-    path, snap = load_latest(str(tmp_path))
-    assert path == first and snap["step"] == 1 and torch.equal(snap["weights"], torch.ones(3))
+    path, snap, unreadable = load_latest(str(tmp_path))
+    assert path == first and unreadable == [] and snap["step"] == 1 and torch.equal(snap["weights"], torch.ones(3))
 
 
 def test_only_the_newest_two_are_kept(tmp_path):
@@ -39,3 +39,30 @@ def test_rng_state_round_trip():
     set_rng_state(rng, state)
     b = (rng.random(), random.random(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_a_truncated_newest_checkpoint_gives_way_to_the_older_one(tmp_path):
+    from checkpoint import recorded_settings
+    older = save_checkpoint(str(tmp_path), {"step": 1, "settings": {"--seed": 0}})
+    newest = save_checkpoint(str(tmp_path), {"step": 2, "weights": torch.ones(1000), "settings": {"--seed": 0}})
+    with open(newest, "r+b") as f:      # a copy cut short
+        f.truncate(os.path.getsize(newest) // 2)
+    path, snap, unreadable = load_latest(str(tmp_path))
+    assert (path, snap["step"], unreadable) == (older, 1, [newest])
+    assert recorded_settings(str(tmp_path)) == {"--seed": 0}
+
+
+def test_a_resume_under_other_settings_is_one_line_naming_the_flags(tmp_path):
+    """Train, then resume with another --seed and other --experts: refused before any work."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--method", "copd", "--preset", "smoke", "--steps", "1", "--ckpt-every", "1", "--out", str(tmp_path / "r")]
+    run = lambda *extra: subprocess.run([sys.executable, "train.py", *args, *extra], cwd=root, capture_output=True,
+                                        text=True)
+    assert run("--experts", "text,image").returncode == 0
+    before = sorted(os.listdir(tmp_path / "r"))
+    r = run("--experts", "text,image,video", "--seed", "5", "--resume")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "--experts text,image (now text,image,video)" in r.stderr and "--seed 0 (now 5)" in r.stderr
+    assert sorted(os.listdir(tmp_path / "r")) == before

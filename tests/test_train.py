@@ -73,6 +73,13 @@ def test_lr_flags_reach_the_run(tmp_path):
     (["--data", "text=nope.jsonl"], "nope.jsonl: no such file"),
     (["--data", "speech=a.jsonl"], "--data expects DOMAIN=PATH"),
     (["--model", "/no/such/checkpoint"], "no such folder"),
+    (["--model", "./not/here"], "no such folder"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--steps", "-5"], "--steps must be at least 1, got -5"),
+    (["--ckpt-every", "-1"], "--ckpt-every must be 0 (never) or a positive number"),
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be at least 1"),
+    (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], "--device cuda"),
+    (["--device", "gpu0"], "not a device"),
     (["--lr", "0"], "--lr must be a positive number"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--lr-schedule", "linear"], "unknown value 'linear'"),
@@ -232,3 +239,105 @@ def test_bad_memory_options_are_one_line(tmp_path, flag, message):
     r = run_cli("--preset", "smoke", "--out", str(tmp_path / "x"), *flag)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_hub_name_goes_to_the_hub_and_offline_is_one_line(tmp_path):
+    out = tmp_path / "hub"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--model", "Qwen/Qwen2.5-VL-3B-Instruct",
+                        "--preset", "smoke", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "could not fetch it from the Hugging Face Hub" in r.stderr and "--model DIR" in r.stderr
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_or_unwritable_is_refused_before_pi0(tmp_path):
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    r = run_cli("--preset", "smoke", "--out", str(afile))
+    assert r.returncode == 2 and "a file, not a folder" in r.stderr and afile.read_text() == "x"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        r = run_cli("--preset", "smoke", "--out", str(locked / "out"))
+        assert r.returncode == 2 and "cannot write in" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        locked.chmod(0o700)
+
+
+def bad_data(tmp_path, rows: bytes, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(rows)
+    return path
+
+
+@pytest.mark.parametrize("domain, rows, message", [
+    ("image", b'{"prompt": "a", "answer": "1", "image": 5}\n', "d.jsonl:1: an image must be a file path"),
+    ("text", b'{"prompt": "a", "answer": null}\n{"prompt": "b", "answer": 1}\n', "d.jsonl:1: 'answer' must be"),
+    ("video", b'{"prompt": "a", "answer": "left", "video": []}\n', "d.jsonl:1: 'video' needs at least one frame"),
+    ("text", b'{"prompt": "a", "answer": "1"}\n', "one row cannot be split"),
+    ("text", b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n', "d.jsonl:2: not valid UTF-8"),
+])
+def test_bad_data_is_one_line_naming_file_and_line(tmp_path, domain, rows, message):
+    path = bad_data(tmp_path, rows)
+    out = tmp_path / "o"
+    r = run_cli("--preset", "smoke", "--experts", domain, "--method", "rlvr", "--out", str(out), "--data", f"{domain}={path}")
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_decompression_bomb_image_is_refused(tmp_path):
+    import zlib
+    from PIL import Image
+    Image.new("RGB", (1, 1)).save(tmp_path / "bomb.png")
+    data = bytearray((tmp_path / "bomb.png").read_bytes())
+    data[16:24] = (40000).to_bytes(4, "big") * 2          # the IHDR header claims 40000x40000
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    (tmp_path / "bomb.png").write_bytes(bytes(data))
+    path = bad_data(tmp_path, b'{"prompt": "a", "answer": "1", "image": "bomb.png"}\n')
+    from tasks import DataError, load_jsonl
+    with pytest.raises(DataError, match="d.jsonl:1: image '.*bomb.png' is too large"):
+        load_jsonl(str(path), "image")
+
+
+def test_a_prompt_over_the_context_is_refused_before_anything_is_written(tmp_path):
+    big = "x" * (10 * 1024 * 1024)
+    path = bad_data(tmp_path, (f'{{"prompt": "a", "answer": "1"}}\n{{"prompt": "{big}", "answer": "2"}}\n').encode())
+    out = tmp_path / "o"
+    r = run_cli("--preset", "smoke", "--experts", "text", "--method", "rlvr", "--out", str(out), "--data", f"text={path}")
+    assert r.returncode == 2 and "d.jsonl:2: the prompt is at least" in r.stderr and "over the limit of 2038" in r.stderr
+    assert not out.exists()
+    path = bad_data(tmp_path, b'{"prompt": "a", "answer": "1"}\n{"prompt": "Compute 12345.", "answer": "2"}\n', "e.jsonl")
+    r = run_cli("--preset", "smoke", "--experts", "text", "--method", "rlvr", "--out", str(out), "--data",
+                f"text={path}", "--max-prompt-tokens", "5")
+    assert r.returncode == 2 and "e.jsonl:2: the prompt is 14 tokens, over the limit of 5" in r.stderr
+
+
+def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "c"
+    args = ["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--steps", "400", "--ckpt-every", "1",
+            "--out", str(out), "--overwrite"]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out if out.exists() else tmp_path).glob("ckpt-*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1].strip().splitlines()
+    assert proc.returncode == 130 and len(err) == 1, err
+    assert err[0].startswith(f"interrupted; newest checkpoint {out}/ckpt-")
+    assert err[0].endswith(f"continue with: python train.py {' '.join(args[:-1])} --resume")
+
+
+def test_each_stage_leaves_one_line_in_a_log_file(tmp_path):
+    r = run_cli("--experts", "text,image", "--method", "mixed", "--preset", "smoke", "--out", str(tmp_path / "m"))
+    assert r.returncode == 0
+    kept = [line for line in r.stdout.splitlines() if " steps, " in line and "held-out greedy" in line]
+    assert [line.split("] ")[1].split(":")[0] for line in kept] == ["base", "mixed"]
+    assert "mixed: 8 steps" in kept[1] and "text " in kept[1] and "image " in kept[1]
+    assert "it/s" not in r.stderr          # no progress bars when the output is not a terminal

@@ -39,6 +39,15 @@ def test_extract_answer(text, expected):
     ("C", "B", "choice", False),
     ("because", "B", "choice", False),
     (None, "1", "math", False),
+    ("1e3", "1000", "math", True),
+    ("$1,234$.", "1234", "math", True),
+    ("1,2", "12", "math", False),             # a comma that is not a thousands separator
+    ("1,2,3", "123", "math", False),
+    ("12,34", "1234", "math", False),
+    ("x = 3", "3", "math", True),             # an equation counts as its right-hand side
+    ("3 apples", "3", "math", True),          # words around a number are ignored
+    ("2^{10}", "1024", "math", True),
+    ("(1,2)", "(1,2)", "math", True),         # a tuple gold is not a number: commas are fine
 ])
 def test_is_correct(pred, gold, kind, ok):
     assert is_correct(pred, gold, kind) is ok
@@ -68,3 +77,42 @@ def test_arbitrary_strings_never_raise():
             gold = rng.choice(["1", "B", "\\frac{1}{2}", "left"])
             assert is_correct(text, gold, kind) in (True, False)
             assert 0.0 <= reward(text, gold, kind) <= 1.0
+
+
+PATHOLOGICAL = ["1e100000000", "1e10000000", "-1E99999", "2^{2^{2^{2^{2^{2}}}}}", "10^{10^{10}}", "9**9**9",
+                "2^{99999}", "(10)^(10^10)", "x" * 5000, "1" * 5000]
+
+
+@pytest.mark.parametrize("answer", PATHOLOGICAL)
+def test_costly_answers_are_wrong_without_being_evaluated(answer, monkeypatch):
+    """The bound is asserted by counting: neither math-verify nor an exact Fraction is ever
+    asked to evaluate these (each would take seconds to forever), and they score as wrong."""
+    import math_verify
+    import verifiers
+    calls = []
+    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: calls.append(("parse", a)) or [])
+    monkeypatch.setattr(math_verify, "verify", lambda *a, **k: calls.append(("verify", a)) or False)
+    real_fraction = verifiers.Fraction
+
+    def counted_fraction(s):
+        calls.append(("Fraction", s))
+        return real_fraction(s)
+    monkeypatch.setattr(verifiers, "Fraction", counted_fraction)
+    for gold in ("1", "1024"):
+        assert reward(f"<answer>{answer}</answer>", gold, "math") == pytest.approx(0.1)
+    assert [c for c in calls if c[0] != "Fraction" or len(c[1]) > 10] == []
+
+
+def test_math_verify_runs_under_a_cap_and_its_timeouts_are_silent(monkeypatch, capsys):
+    import logging
+    import math_verify
+    from verifiers import MATH_VERIFY_TIMEOUT_S
+    caps = []
+    real_parse, real_verify = math_verify.parse, math_verify.verify
+    monkeypatch.setattr(math_verify, "parse", lambda s, **k: caps.append(k["parsing_timeout"]) or real_parse(s, **k))
+    monkeypatch.setattr(math_verify, "verify",
+                        lambda g, p, **k: caps.append(k["timeout_seconds"]) or real_verify(g, p, **k))
+    assert is_correct("\\frac{2}{4}", "\\frac{1}{2}", "math")
+    assert caps == [MATH_VERIFY_TIMEOUT_S] * 3 and MATH_VERIFY_TIMEOUT_S <= 1   # at most 3 s per response
+    logging.getLogger("math_verify.grader").warning("Timeout during comparison")
+    assert "Timeout" not in capsys.readouterr().err
