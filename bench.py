@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 
 from policy import Prompt, TinyConfig, build_tiny_policy, build_tokenizer, make_processor
-from report import kv_bytes_per_token
+from memory import kv_bytes_per_token
 from rollout import SamplingConfig, generate
 
 SHAPES = {
@@ -74,7 +74,7 @@ def bench_sampler(name, device, dtype, batch, prompt_len, new_tokens, bandwidth,
     tokens = batch * new_tokens
     # decoding reads every weight once per step, and the KV cache so far
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv_per_token = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
+    kv_per_token = kv_bytes_per_token(model)
     avg_len = prompt_len + new_tokens / 2
     step_bytes = weight_bytes + batch * avg_len * kv_per_token
     floor = tokens / (new_tokens * step_bytes / bandwidth)

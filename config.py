@@ -17,7 +17,8 @@ import torch
 import parallel
 from checkpoint import list_checkpoints, recorded_settings
 from opd import OPDConfig
-from policy import TinyConfig, load_policy, prepare_for_training
+from memory import prepare_for_training
+from policy import VISION_FAMILIES, TinyConfig, load_policy
 from rlvr import RLConfig
 from rollout import SamplingConfig
 from tasks import DOMAINS, DataError, load_domain
@@ -273,10 +274,23 @@ def start_ranks(args, preset: Preset):
     return layout
 
 
+def check_family(model: str, experts: list):
+    """A vision-language family whose images this code cannot feed is refused for image and
+    video experts (from its config alone, before its weights load); text experts train it."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model)
+    vision = set(experts) - {"text"}
+    if vision and hasattr(config, "vision_config") and config.model_type not in VISION_FAMILIES:
+        raise UsageError(f"--model {model}: {config.model_type} is a vision-language family whose image and video "
+                         f"inputs this code does not build (it supports {', '.join(VISION_FAMILIES)}); "
+                         f"--experts {','.join(vision)} needs one of those, --experts text trains this one")
+
+
 def load_base(args, preset: Preset):
     """π_0 and its processor: --model, or the warm-started tiny policy; then the memory options."""
     if args.model:
         try:
+            check_family(args.model, args.experts)
             model, proc = load_policy(args.model, dtype=DTYPES[args.dtype], device=args.device)
         except (OSError, ValueError, KeyError) as e:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from opd import OPDConfig, opd_loss, opd_rollout, rows_to_keep, teacher_logprobs
-from policy import clone_policy, folded
+from memory import clone_policy, folded
 from rlvr import PGBatch, RLConfig, grpo_batch, update
 from rollout import Rollout
 

@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 from copd import Scored, branch_seed, finish_step, student_side
 from opd import rows_to_keep, teacher_logprobs
-from policy import clone_policy, encode_prompt, folded
+from memory import clone_policy, folded
+from policy import encode_prompt
 from rollout import Rollout
 
 

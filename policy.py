@@ -15,13 +15,11 @@ Everything model-specific lives here, in one place:
   - `mm_token_type_ids` (text 0, image 1, video 2), which newer Qwen-VL forwards ask for.
 """
 
-import copy
 import inspect
 import json
 import os
 import string
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -134,8 +132,12 @@ class Processor:
         return len(self.tokenizer)
 
 
+VISION_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")   # whose image and video inputs patchify builds
+
+
 def make_processor(tokenizer, model, preprocessor_config: dict | None = None):
-    """Reads special-token ids from the tokenizer and the model config, never hard-coded."""
+    """Reads special-token ids from the tokenizer and the model config, never hard-coded. Another
+    vision-language family (SmolVLM, LLaVA, …) gets a text-only processor."""
     cfg = model.config
     vision = getattr(cfg, "vision_config", None)
     pre = preprocessor_config or {}
@@ -146,7 +148,7 @@ def make_processor(tokenizer, model, preprocessor_config: dict | None = None):
         eos.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
     return Processor(
-        tokenizer=tokenizer, is_vl=vision is not None,
+        tokenizer=tokenizer, is_vl=vision is not None and getattr(cfg, "model_type", "") in VISION_FAMILIES,
         patch_size=pre.get("patch_size", getattr(vision, "patch_size", 14)),
         merge_size=pre.get("merge_size", getattr(vision, "spatial_merge_size", 2)),
         temporal_patch_size=pre.get("temporal_patch_size", getattr(vision, "temporal_patch_size", 2)),
@@ -341,50 +343,6 @@ def _checkpoint_file(name_or_path: str, filename: str):
     """One file of a checkpoint (a folder, or a hub name: the hub cache), or None if it has none."""
     return transformers.utils.cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False,
                                           _raise_exceptions_for_connection_errors=False)
-
-
-# -----------------------------------------------------------------------------
-# memory options: bf16 weights (load_policy's dtype), gradient checkpointing, LoRA experts
-
-LORA_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"   # the LM, not the vision tower
-
-
-def prepare_for_training(model, lora_rank: int = 0, grad_ckpt: bool = False):
-    """π_0 as every method will copy it: with gradient checkpointing (activations recomputed in
-    backward) and/or LoRA adapters of rank `lora_rank` on the language model's linear layers
-    (the base frozen). LoRA needs peft, imported only here."""
-    if grad_ckpt:   # transformers ≥ 5.2x renamed it (the old name warns)
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora_rank:
-        try:
-            import peft
-        except ImportError:
-            raise ValueError("--lora-rank needs peft (pip install peft)") from None
-        # peft still asks for the old name; the warning is theirs to fix, not the user's
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-        config = peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                 target_modules=LORA_TARGETS)
-        model = peft.get_peft_model(model, config)
-    return model
-
-
-def clone_policy(model):
-    """A trainable copy of `model` (an expert, a branch, a student). Frozen parameters (a LoRA
-    base) stay shared with `model`: K LoRA experts hold the base weights once."""
-    shared = {id(p): p for p in model.parameters() if not p.requires_grad}   # deepcopy's memo: not copied
-    return copy.deepcopy(model, shared)
-
-
-def folded(model):
-    """A plain transformers model with any LoRA adapters folded into its weights (a copy):
-    what merging or saving a LoRA expert needs, since averaging A and B apart is not
-    averaging their product."""
-    if not hasattr(model, "merge_and_unload"):
-        return model
-    return copy.deepcopy(model).merge_and_unload()
 
 
 def save_policy(model, proc: Processor, path: str):

@@ -2,8 +2,8 @@
 Results a person reads: OUT/results.json (method -> domain -> held-out greedy accuracy, with
 "average"), OUT/results.md (the table with the budgets and the seed) and OUT/curves.png
 (accuracy per domain over training; top-10 overlap between branches and between experts).
-Each file is written whole or not at all. Also the memory plan printed at start, and the
-summary of several seeds (`python report.py RUN...`).
+Each file is written whole or not at all. Also the summary of several seeds
+(`python report.py RUN...`).
 """
 
 import json
@@ -18,54 +18,6 @@ def budgets(K: int, T: int, model: str | None) -> dict:
             "opd": f"experts + {T} OPD steps per direction",
             "mopd": f"experts + {T} multi-teacher OPD steps from π_0",
             "copd": f"{K * T} steps per branch ({K} branches), merged by averaging"}
-
-
-def _size(n_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n_bytes < 1024 or unit == "GiB":
-            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
-        n_bytes /= 1024
-
-
-def model_copies(method: str, K: int) -> tuple:
-    """(trained, frozen) model copies a method holds at its peak. Frozen: π_0 (kept for the
-    evals) and finished experts / teachers. `all` peaks in CoPD with the experts still kept."""
-    return {"base": (0, 1), "rlvr": (1, K), "experts": (1, K), "mixed": (1, 1), "opd": (1, K + 1),
-            "mopd": (1, K + 1), "copd": (K, 1), "all": (K, K + 1)}[method]
-
-
-def kv_bytes_per_token(config, element_size: int) -> int:
-    """Bytes of KV cache one token takes: 2 (K and V) · layers · KV heads · head dim · element size."""
-    text = config.get_text_config()
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * element_size
-
-
-def memory_plan(model0, method: str, K: int, rows: int, tokens: int, per_rank: bool = False) -> str:
-    """An estimate, from the sizes, of what `method` holds at its peak: every trained copy's
-    weights, gradients and two AdamW moments; every frozen copy's weights (a LoRA base is shared
-    by all copies: held once); the KV cache of the largest rollout batch (`rows` x `tokens`).
-    Not counted: the activations of backward (they scale with --micro-batch; --grad-ckpt cuts
-    them). `per_rank`: under torchrun, one branch per rank."""
-    from policy import core
-    params = list(model0.parameters())
-    own = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
-    shared = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
-    trained, frozen = (1, 1) if per_rank else model_copies(method, K)
-    per_row = kv_bytes_per_token(core(model0).config, params[0].element_size()) * tokens
-    parts = [("trained copy: weights, gradients, AdamW", 4 * own, trained),
-             ("frozen copy (π_0, experts, teachers)", own, frozen),
-             (f"KV cache: {rows} rows x {tokens} tokens", per_row * rows, 1)]
-    if shared:
-        parts.insert(0, ("LoRA base (frozen, shared)", shared, 1))
-    total = sum(each * n for _, each, n in parts)
-    lines = [f"Memory plan (--method {method}, {K} experts, {params[0].dtype}" + (", per rank" if per_rank else "")
-             + "):", "| part | each | copies | total |", "|---|---|---|---|"]
-    lines += [f"| {name} | {_size(each)} | {n} | {_size(each * n)} |" for name, each, n in parts]
-    lines.append(f"| all (without backward's activations) | | | {_size(total)} |")
-    return "\n".join(lines)
 
 
 def results_table(results: dict, domains: list) -> str:

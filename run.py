@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from copd import branch_seed
-from policy import clone_policy, encode_prompt
+from memory import clone_policy
+from policy import encode_prompt
 from rlvr import score
 from rollout import SamplingConfig, generate
 from tasks import load_domain

@@ -40,8 +40,9 @@ from checkpoint import list_checkpoints
 from config import UsageError, check_data, load_base, parse_args, settings, stages, start_ranks, validate
 from copd import Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
 from opd import divergence, opd_batch
-from policy import clone_policy, encode_prompt
-from report import budgets, describe_lr, memory_plan, results_table, write_results
+from memory import clone_policy, memory_plan
+from policy import encode_prompt
+from report import budgets, describe_lr, results_table, write_results
 from rlvr import grad_cosine, rlvr_step, update
 from run import Run, TrainingError
 from tasks import DataError, load_domain

@@ -101,27 +101,55 @@ def test_forward_uses_the_cache_keyword_the_model_takes(tiny):
     assert cache.get_seq_length() == 3
 
 
-def _tiny_text_lm(arch: str, tokenizer):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-    kw = dict(vocab_size=len(tokenizer) + 6, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, intermediate_size=64, eos_token_id=tokenizer.eos_token_id,
-              pad_token_id=tokenizer.pad_token_id)
-    cfg = Qwen2Config(**kw) if arch == "qwen2" else LlamaConfig(**kw)
+# every causal-LM family a user is likely to bring, each as small as it can be built; the ones
+# with something of their own to exercise: sliding-window attention shorter than the sequence
+# (mistral, gemma2, gemma3_text), MoE routing (qwen2_moe, qwen3_moe: 2 of 4 experts per token),
+# learned absolute positions (gpt2), multi-query attention (falcon), partial rotary (phi, stablelm)
+SMALL_LM = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=64)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+TEXT_FAMILIES = {
+    "llama": SMALL_LM, "qwen2": SMALL_LM, "mistral": dict(SMALL_LM, sliding_window=8), "phi3": SMALL_LM,
+    "phi": SMALL_LM, "gemma": dict(SMALL_LM, head_dim=16), "gemma2": dict(SMALL_LM, head_dim=16, sliding_window=8),
+    "gemma3_text": dict(SMALL_LM, head_dim=16, sliding_window=8), "olmo2": SMALL_LM, "smollm3": SMALL_LM,
+    "qwen2_moe": dict(SMALL_LM, **MOE, shared_expert_intermediate_size=32),
+    "qwen3_moe": dict(SMALL_LM, **MOE, head_dim=16), "stablelm": SMALL_LM,
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=2, n_positions=256),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, multi_query=True),
+}
+
+
+def tiny_causal_lm(family: str, tokenizer):
+    """A random-init causal LM of `family` for our tokenizer, its embedding table padded past it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(family, vocab_size=len(tokenizer) + 6, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                                  **TEXT_FAMILIES[family])
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_text_causal_lm_checkpoint_loads_and_samples_consistently(arch, tmp_path):
+def save_tiny_causal_lm(family: str, path) -> str:
     tok = build_tokenizer()
-    model = _tiny_text_lm(arch, tok)       # its embedding table is padded past the tokenizer
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    model2, proc = load_policy(str(tmp_path))
-    assert not proc.is_vl and proc.vocab_size == len(tok)
+    tiny_causal_lm(family, tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", list(TEXT_FAMILIES))
+def test_every_text_family_loads_and_samples_consistently(family, tmp_path):
+    """Saved by transformers, loaded by load_policy: our sampler's log-probs equal a
+    teacher-forced forward's, left padding included, and no id past the tokenizer is sampled."""
+    tok = build_tokenizer()
+    model2, proc = load_policy(save_tiny_causal_lm(family, tmp_path))
+    assert not proc.is_vl and proc.vocab_size == len(tok) and model2.config.model_type == family
     exs = builtin_examples("text", "train", 3, 0)
+    exs[0].prompt = "Compute 1+2+3+4+5+6+7+8+9, carefully, please."   # left padding for the others
     prompts = [encode_prompt(proc, e.prompt) for e in exs]
-    cfg = SamplingConfig(max_new_tokens=8)
+    if family in ("mistral", "gemma2", "gemma3_text"):
+        assert model2.config.sliding_window < min(len(p.ids) for p in prompts)   # the window really cuts
+    cfg = SamplingConfig(max_new_tokens=12)
     torch.manual_seed(0)
     r = generate(model2, proc, prompts, 2, cfg)
     assert int(r.response.max()) < len(tok)
@@ -131,6 +159,21 @@ def test_text_causal_lm_checkpoint_loads_and_samples_consistently(arch, tmp_path
     assert torch.allclose(lp, r.logprobs, atol=1e-4)
     with pytest.raises(ValueError, match="text-only"):
         encode_prompt(proc, "x", image=np.zeros((16, 16, 3), np.uint8))
+
+
+def tiny_smolvlm_checkpoint(path) -> str:
+    """SmolVLM's architecture (Idefics3: a SigLIP-style tower and a Llama), random-init."""
+    from transformers import AutoModelForImageTextToText, Idefics3Config
+    tok = build_tokenizer()
+    config = Idefics3Config(text_config=dict(model_type="llama", vocab_size=len(tok) + 6, **SMALL_LM,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                            vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=32, image_size=32, patch_size=8),
+                            scale_factor=2, image_token_id=5)
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
 
 
 def tiny_vl_checkpoint(arch: str, path):
@@ -180,30 +223,3 @@ def test_vl_checkpoints_sample_consistently_on_text_image_and_video(arch, tmp_pa
         lp = token_logprobs(sampling_logprobs(response_logits(model, proc, r.prompts, r.response), cfg, proc),
                             r.response) * r.mask
     assert torch.allclose(lp, r.logprobs, atol=1e-4)
-
-
-def test_lora_copies_share_the_frozen_base_and_fold_back_exactly(tiny):
-    pytest.importorskip("peft")
-    import copy as copy_
-    from policy import clone_policy, folded, prepare_for_training
-    model, proc = tiny
-    lora = prepare_for_training(copy_.deepcopy(model), lora_rank=4)
-    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n and "visual" not in n for n in trainable)
-    clone = clone_policy(lora)
-    for (name, a), b in zip(lora.named_parameters(), clone.parameters()):
-        assert (a is b) == (name not in trainable)       # base shared, adapters copied
-    with torch.no_grad():
-        for n, p in clone.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)                         # B = 0 at init: make the adapter matter
-    ex = builtin_examples("image", "train", 2, 0)
-    prompts = [encode_prompt(proc, e.prompt, e.image) for e in ex]
-    response = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    with torch.no_grad():
-        want = response_logits(clone, proc, prompts, response)
-        plain = folded(clone)
-        got = response_logits(plain, proc, prompts, response)
-    assert not hasattr(plain, "merge_and_unload")
-    assert torch.allclose(got, want, atol=1e-5)
-    assert any(p.requires_grad for p in clone.parameters())      # folding copied: the clone still trains

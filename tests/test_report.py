@@ -1,7 +1,7 @@
 import json
 import os
 
-from report import budgets, describe_lr, kv_bytes_per_token, results_table, write_results
+from report import budgets, describe_lr, results_table, write_results
 
 
 RESULTS = {"base": {"text": 0.5, "image": 0.6, "average": 0.55},
@@ -37,37 +37,6 @@ def test_table_has_a_row_per_model_and_skips_private_keys():
     lines = results_table(results, ["text", "image"]).splitlines()
     assert lines[0] == "| model | text | image | average |" and len(lines) == 2 + 4
     assert describe_lr(2e-4, "cosine", 0.1) == "AdamW, η = 0.0002, cosine to 2e-05 over each loop"
-
-
-def llama_2_7b():
-    """Llama-2-7B's public shapes on the meta device: 6,738,415,616 parameters, and a KV cache
-    of 0.5 MiB per token in 16-bit (2 · 32 layers · 32 heads · 128 dims · 2 bytes)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32)
-    with torch.device("meta"):
-        return LlamaForCausalLM(cfg).to(torch.bfloat16)
-
-
-def test_kv_cache_bytes_per_token_match_published_models():
-    from transformers import LlamaConfig
-    assert kv_bytes_per_token(llama_2_7b().config, 2) == 512 * 1024
-    # Mistral-7B: grouped-query attention, 8 KV heads: 128 KiB per token in 16-bit
-    mistral = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
-    assert kv_bytes_per_token(mistral, 2) == 128 * 1024
-
-
-def test_memory_plan_of_llama_2_7b_in_bf16():
-    from report import memory_plan
-    model = llama_2_7b()
-    assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
-    plan = memory_plan(model, "copd", 2, rows=1, tokens=4096)
-    weights = "12.6 GiB"                          # 6.74e9 · 2 bytes
-    assert f"| trained copy: weights, gradients, AdamW | 50.2 GiB | 2 | 100.4 GiB |" in plan
-    assert f"| frozen copy (π_0, experts, teachers) | {weights} | 1 | {weights} |" in plan
-    assert "| KV cache: 1 rows x 4096 tokens | 2.0 GiB | 1 | 2.0 GiB |" in plan   # the known 2 GiB at 4k context
-    assert "| all (without backward's activations) | | | 115.0 GiB |" in plan
 
 
 def fake_all_run(folder, seed_shift):

@@ -156,20 +156,49 @@ def test_vl_checkpoints_run_rlvr_and_copd_through_the_cli(arch, tmp_path):
         assert method in json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_text_lm_checkpoints_run_rlvr_and_copd_on_text(arch, tmp_path):
-    from test_policy import _tiny_text_lm
-    from policy import build_tokenizer
-    tok = build_tokenizer()
-    _tiny_text_lm(arch, tok).save_pretrained(tmp_path / "ckpt")
-    tok.save_pretrained(tmp_path / "ckpt")
+@pytest.mark.parametrize("family", list(__import__("test_policy").TEXT_FAMILIES))
+def test_every_text_family_trains_a_text_expert_end_to_end(family, tmp_path, capsys):
+    """π_0 = a saved checkpoint of the family: the memory plan, GRPO steps, evals, results."""
+    from test_policy import save_tiny_causal_lm
     out = tmp_path / "rlvr"
-    assert train.main(["--model", str(tmp_path / "ckpt"), "--experts", "text", "--method", "rlvr",
-                       "--preset", "smoke", "--out", str(out)]) == 0
-    assert "rlvr" in json.loads((out / "results.json").read_text())
-    r = run_cli("--model", str(tmp_path / "ckpt"), "--experts", "text,image", "--preset", "smoke",
-                "--out", str(tmp_path / "bad"))
+    assert train.main(["--model", save_tiny_causal_lm(family, tmp_path / "ckpt"), "--experts", "text",
+                       "--method", "rlvr", "--preset", "smoke", "--out", str(out)]) == 0
+    assert "Memory plan" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["kind"] == "train"]) == presets()["smoke"].steps
+    assert set(json.loads((out / "results.json").read_text())["rlvr"]) == {"text", "average"}
+
+
+def test_a_text_only_model_is_refused_for_image_experts(tmp_path):
+    from test_policy import save_tiny_causal_lm
+    r = run_cli("--model", save_tiny_causal_lm("llama", tmp_path / "ckpt"), "--experts", "text,image",
+                "--preset", "smoke", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "text-only" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_gpt2_trains_a_lora_expert(tmp_path):
+    """GPT-2's Conv1D layers (c_attn, c_proj, c_fc) get the adapters, found in the architecture."""
+    pytest.importorskip("peft")
+    from test_policy import save_tiny_causal_lm
+    out = tmp_path / "gpt2"
+    r = run_cli("--model", save_tiny_causal_lm("gpt2", tmp_path / "ckpt"), "--experts", "text", "--method", "rlvr",
+                "--preset", "smoke", "--lora-rank", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| LoRA base (frozen, shared) |" in r.stdout and "rlvr" in json.loads((out / "results.json").read_text())
+
+
+def test_smolvlm_image_experts_are_one_line_and_its_text_expert_trains(tmp_path):
+    from test_policy import tiny_smolvlm_checkpoint
+    ckpt = tiny_smolvlm_checkpoint(tmp_path / "smolvlm")
+    r = run_cli("--model", ckpt, "--experts", "image", "--method", "rlvr", "--preset", "smoke",
+                "--out", str(tmp_path / "img"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "idefics3 is a vision-language family" in r.stderr and "qwen2_5_vl" in r.stderr
+    assert not (tmp_path / "img").exists()
+    out = tmp_path / "text"
+    assert train.main(["--model", ckpt, "--experts", "text", "--method", "rlvr", "--preset", "smoke",
+                       "--out", str(out)]) == 0
+    assert "rlvr" in json.loads((out / "results.json").read_text())
 
 
 def test_repeated_non_finite_steps_stop_the_run_with_a_clear_message(tmp_path, monkeypatch, capsys):
