@@ -12,13 +12,14 @@ The response mask covers every token up to and including the first EOS; it is bu
 positions, never from token ids (pad may equal EOS).
 """
 
+import itertools
 import sys
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from policy import collate, forward, new_cache, position_ids
+from policy import collate, core, forward, new_cache, position_ids
 
 
 @dataclass
@@ -259,8 +260,38 @@ def _layer_kv(cache):
 
 
 def response_logits(model, proc, prompts: list, response):
-    """Teacher-forced logits at every response position: (N, T, V). One forward over
-    prompt + response; only the response's logits go through the LM head."""
+    """Teacher-forced logits at every response position: (N, T, V), differentiable.
+    Consecutive rows that share a prompt (the G samples of one prompt: the same Prompt object)
+    share its prefill, as in the sampler: the prompt and its image or video run once, the KV
+    cache is repeated for each row, then one forward over the response tokens. Compute then
+    grows with B·prompt + N·response tokens instead of N·(prompt + response); the prompt's
+    gradient sums over its rows through the repeated cache."""
+    counts = _runs(prompts)
+    if len(counts) == len(prompts) or _checkpointing(model):
+        return full_response_logits(model, proc, prompts, response)   # nothing shared (or no cache)
+    starts = [0] + list(itertools.accumulate(counts))[:-1]
+    batch = collate([prompts[i] for i in starts], proc.pad_id).to(response.device)
+    reps = torch.tensor(counts, device=response.device)
+    pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
+    logits, cache = forward(model, batch.input_ids, batch.attention_mask, pos, cache=new_cache(model),
+                            vision=batch.vision, logits_to_keep=1)
+    first = logits[:, -1:].repeat_interleave(reps, 0)                    # predicts response[:, 0]
+    T = response.shape[1]
+    if T == 1:
+        return first
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.repeat_interleave(reps, 0), layer.values.repeat_interleave(reps, 0)
+    mask = torch.cat([batch.attention_mask.repeat_interleave(reps, 0),
+                      torch.ones_like(response[:, :-1], dtype=batch.attention_mask.dtype)], dim=1)
+    start = (pos.max(-1).values + 1).repeat_interleave(reps, -1)           # (N,) or (3, N) for M-RoPE
+    steps = start[..., None] + torch.arange(T - 1, device=response.device)
+    rest, _ = forward(model, response[:, :-1], mask, steps, cache=cache)
+    return torch.cat([first, rest], dim=1)
+
+
+def full_response_logits(model, proc, prompts: list, response):
+    """The same logits from one forward over prompt + response for every row (the reference
+    the shared-prefill path is tested against; the warm start's rows never share a prompt)."""
     batch = collate(prompts, proc.pad_id).to(response.device)
     T = response.shape[1]
     ids = torch.cat([batch.input_ids, response], dim=1)
@@ -268,6 +299,24 @@ def response_logits(model, proc, prompts: list, response):
     pos = position_ids(model, ids, mask, batch.vision)
     logits, _ = forward(model, ids, mask, pos, vision=batch.vision, logits_to_keep=T + 1)
     return logits[:, :-1]
+
+
+def _checkpointing(model) -> bool:
+    """Activation checkpointing is on (transformers runs it without a cache): renamed in 5.2x."""
+    m = core(model)
+    name = "is_activation_checkpointing" if hasattr(type(m), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(m, name, False))
+
+
+def _runs(prompts: list) -> list:
+    """Lengths of the runs of one same prompt object: [3, 3] for two prompts sampled 3 times."""
+    counts = []
+    for i, p in enumerate(prompts):
+        if i and p is prompts[i - 1]:
+            counts[-1] += 1
+        else:
+            counts.append(1)
+    return counts
 
 
 def token_logprobs(logp_all, response):

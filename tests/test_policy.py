@@ -223,3 +223,18 @@ def test_vl_checkpoints_sample_consistently_on_text_image_and_video(arch, tmp_pa
         lp = token_logprobs(sampling_logprobs(response_logits(model, proc, r.prompts, r.response), cfg, proc),
                             r.response) * r.mask
     assert torch.allclose(lp, r.logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt2", "qwen2_moe", "falcon"])
+def test_shared_prefill_scoring_equals_the_full_forward_on_other_families(family, tmp_path):
+    """Sliding windows, learned positions, routing, multi-query: the trainer's shared-prefill
+    logits equal one full forward per row."""
+    from rollout import full_response_logits
+    model, proc = load_policy(save_tiny_causal_lm(family, tmp_path))
+    exs = builtin_examples("text", "train", 2, 0)
+    exs[0].prompt = "Compute 1+2+3+4+5+6+7+8+9, carefully, please."
+    rows = [p for p in (encode_prompt(proc, e.prompt) for e in exs) for _ in range(3)]
+    response = torch.randint(5, 60, (6, 9))
+    with torch.no_grad():
+        assert torch.allclose(response_logits(model, proc, rows, response),
+                              full_response_logits(model, proc, rows, response), atol=1e-5)

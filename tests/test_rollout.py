@@ -168,3 +168,25 @@ def test_bf16_sampler_logprobs_stay_within_tolerance(tiny, device):
         rollout = generate(model, proc, mixed_prompts(proc), group_size=3, cfg=cfg)
         gap = (teacher_forced(model, proc, rollout, cfg) - rollout.logprobs).abs().max().item()
         assert gap <= 0.05, gap
+
+
+@pytest.mark.parametrize("domain", ["text", "image", "video"])
+def test_shared_prefill_logits_and_gradients_equal_the_full_forward(tiny, domain):
+    """G rows of one prompt share its prefill (and its image or video encoding): the logits
+    and the gradient they give equal one full forward per row."""
+    from rollout import full_response_logits
+    model, proc = tiny
+    model = copy.deepcopy(model)
+    exs = builtin_examples(domain, "train", 3, 0)
+    exs[0].prompt += " Take care, please."                           # left padding for the others
+    prompts = [encode_prompt(proc, e.prompt, e.image, e.video) for e in exs]
+    rows = [p for p in prompts for _ in range(3)]
+    response = torch.randint(5, 60, (len(rows), 7))
+    grads = []
+    for fn in (response_logits, full_response_logits):
+        model.zero_grad()
+        logits = fn(model, proc, rows, response)
+        (logits.float().logsumexp(-1) * torch.linspace(0.5, 1.5, 7)).sum().backward()
+        grads.append((logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5, rtol=1e-4)
