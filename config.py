@@ -21,7 +21,7 @@ from memory import prepare_for_training
 from policy import VISION_FAMILIES, TinyConfig, load_policy
 from rlvr import RLConfig
 from rollout import SamplingConfig
-from tasks import DOMAINS, DataError, load_domain
+from tasks import DOMAINS, DataError, load_jsonl
 from warmstart import WarmStartConfig, warm_start
 
 METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "all")
@@ -235,15 +235,15 @@ def check_resume(out: str, now: dict):
 
 
 def check_data(args, preset: Preset, model, proc):
-    """Every --data file read whole (each row validated, naming file:line) and every prompt
-    within the token limit: --max-prompt-tokens, or the model's context minus the response."""
+    """Every prompt of every --data file (its rows were validated before π_0 loaded) within the
+    token limit: --max-prompt-tokens, or the model's context minus the response."""
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     limit = args.max_prompt_tokens or (context - preset.rl.sampling.max_new_tokens if context else None)
-    for domain in args.data:
-        rows = load_domain(domain, "train", 10**9, args.seed, preset.difficulty, args.data)
-        rows += load_domain(domain, "heldout", 10**9, args.seed, preset.difficulty, args.data)
-        for ex in rows if limit else []:
-            count = lambda text: len(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not limit:
+        return
+    count = lambda text: len(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
+    for domain, path in args.data.items():
+        for ex in load_jsonl(path, domain):   # every row, whichever split it falls in
             n = count(ex.prompt[:20 * limit])   # a prefix first: a 10 MB prompt is refused in a moment
             if n <= limit < len(ex.prompt) // 20:
                 n = count(ex.prompt)

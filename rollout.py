@@ -243,15 +243,16 @@ def _decode(s, T: int, cfg: SamplingConfig, step):
             break
 
 
-_GRAPH_FAILURES = []   # once a capture or replay fails, every later call decodes eagerly
+_GRAPH_FAILURES = []   # the first failure's message: once there is one, every later call decodes eagerly
 
 
 def _graph_failed(error: Exception):
-    if not _GRAPH_FAILURES:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        print(f"warning: CUDA graph decoding failed ({first}); sampling with the static cache, eagerly, "
-              "from now on", file=sys.stderr, flush=True)
-    _GRAPH_FAILURES.append(error)
+    """Warn once. The message is kept, not the exception: its traceback would pin the frames
+    that hold the static buffers."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    print(f"warning: CUDA graph decoding failed ({first}); sampling with the static cache, eagerly, "
+          "from now on", file=sys.stderr, flush=True)
+    _GRAPH_FAILURES.append(first)
 
 
 def _layer_kv(cache):
