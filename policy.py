@@ -76,6 +76,7 @@ class TinyConfig:
     patch_size: int = 4
     merge_size: int = 2
     temporal_patch_size: int = 2
+    window_size: int = 32              # pixels: ≥ the picture, so every vision block sees the whole frame
 
 
 def build_tiny_policy(tokenizer, cfg: TinyConfig = TinyConfig(), seed: int = 0):
@@ -97,7 +98,7 @@ def build_tiny_policy(tokenizer, cfg: TinyConfig = TinyConfig(), seed: int = 0):
             intermediate_size=2 * cfg.vision_hidden_size, out_hidden_size=cfg.hidden_size,
             patch_size=cfg.patch_size, spatial_merge_size=cfg.merge_size,
             temporal_patch_size=cfg.temporal_patch_size,
-            window_size=cfg.patch_size * cfg.merge_size * 2, fullatt_block_indexes=[cfg.vision_depth - 1],
+            window_size=cfg.window_size, fullatt_block_indexes=[cfg.vision_depth - 1],
         ),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

@@ -46,7 +46,8 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
         results["_divergence_cost"] = {d: round(results["mixed"][d] - results["experts"][d], 4) for d in domains}
     _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     md = [f"# Results: {title}", "",
-          f"Held-out greedy accuracy (%) over {eval_size} prompts per domain.", "",
+          f"Held-out greedy accuracy (%) over {eval_size} distinct problems per domain (binomial standard "
+          f"error at most {50 / eval_size ** 0.5:.1f} points; each in results.json `_stderr`).", "",
           results_table(results, domains), "", "Budgets:", ""]
     trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in results}
     md += [f"- {m}: {b}" for m, b in budget.items() if m in trained]

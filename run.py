@@ -168,6 +168,11 @@ class Run:
         row = {d: round(a["greedy"], 4) for d, a in accs.items()}
         row["average"] = round(sum(row.values()) / len(row), 4)
         self.results[method] = row
+        # the binomial standard error of each accuracy, over the distinct problems evaluated
+        problems = {d: len(self.heldout[d][:self.p.eval_size]) for d in accs}
+        self.results["_eval_problems"] = problems
+        self.results.setdefault("_stderr", {})[method] = {
+            d: round(math.sqrt(a["greedy"] * (1 - a["greedy"]) / problems[d]), 4) for d, a in accs.items()}
         if any("sampled" in a for a in accs.values()):
             self.results.setdefault("_sampled", {})[method] = {d: round(a["sampled"], 4) for d, a in accs.items()}
 

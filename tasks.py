@@ -4,10 +4,24 @@ answers, and a JSONL loader for real data.
 
 Built-in tasks (generated from a seed). `difficulty` is the knob: each example draws a level
 from 1..difficulty, and the level sets
-  text  : left-to-right arithmetic on level + 1 one-digit operands (level 1 adds): "7+5-3" -> 9
-  image : 1 to level + 2 coloured cells in a 4x4 grid (a 16x16 picture): "How many squares?" -> 3
-  video : 4 frames; one coloured square moves one cell between frames 2 and 3 while level − 1
-          others stay put: "Which way did red move?" -> left | right | up | down
+  text  : arithmetic, left to right: a two-digit number, then ℓ one-digit operands, each added
+          or subtracted ("47+5-3" -> 49)
+  swap  : the same problems with + and − swapped, said in the prompt ("Swap + and -, then
+          compute 47+5-3." -> 47−5+3 = 45): inputs that look like text's, a different mapping to the
+          same numbers (the pair that competes, text ~ swap). A problem's split is the same in
+          both domains
+  image : coloured squares in a 6x6 grid (a 24x24 picture). Level 1: "How many squares?" over 1
+          to 6 of them; level ≥ 2: "How many red squares?" among 2 to 4·level
+  video : 4 frames of the 6x6 grid; `level` squares of different colours each move half a
+          cell, each its own way, between the first and the second frame: "Which way did red
+          move?" -> left | right | up | down. The move sits inside the first pair of frames, which
+          Qwen2-VL's temporal patch merges, and inside the square's own patches: one vision
+          patch sees the before and the after of the motion (a move between frame pairs, or a
+          whole-cell jump between patches, is seen by no patch alone: the tiny tower never
+          learned those)
+
+Evaluation problems are distinct (`builtin_examples` never repeats a held-out problem), so an
+eval of n problems has a binomial standard error of at most 50/√n points.
 
 Train and held-out splits are disjoint by construction: an example's split is a hash of its
 content, so no held-out problem is ever trained on, whatever the seed.
@@ -24,10 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DOMAINS = ("text", "image", "video")
+DOMAINS = ("text", "image", "video", "swap")
 HELD_OUT_FRACTION = 0.2
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
-CELL, GRID = 4, 4                     # 4x4 cells of 4x4 pixels: a 16x16 picture
+CELL, GRID = 4, 6                     # 6x6 cells of 4x4 pixels: a 24x24 picture, 3x3 vision tokens
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}
 
 
@@ -58,14 +72,31 @@ def split_of(key: str) -> str:
 # -----------------------------------------------------------------------------
 # generators: each returns (split key, Example)
 
-def make_text(rng: random.Random, level: int):
-    nums = [rng.randint(0, 9) for _ in range(level + 1)]
-    ops = [rng.choice("+-") if level > 1 else "+" for _ in range(level)]   # level 1: one addition
-    expr, value = str(nums[0]), nums[0]
+def arithmetic(rng: random.Random, level: int) -> tuple:
+    """(operands, operators) of one problem: a two-digit number, then `level` one-digit
+    operands, each added or subtracted."""
+    return [rng.randint(10, 99)] + [rng.randint(0, 9) for _ in range(level)], [rng.choice("+-") for _ in range(level)]
+
+
+def evaluate_left_to_right(nums: list, ops: list) -> int:
+    value = nums[0]
     for op, n in zip(ops, nums[1:]):
-        expr += op + str(n)
         value = value + n if op == "+" else value - n
-    return expr, Example("text", f"Compute {expr}.", str(value), "math")
+    return value
+
+
+def make_text(rng: random.Random, level: int):
+    nums, ops = arithmetic(rng, level)
+    expr = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:]))
+    return expr, Example("text", f"Compute {expr}.", str(evaluate_left_to_right(nums, ops)), "math")
+
+
+def make_swap(rng: random.Random, level: int):
+    nums, ops = arithmetic(rng, level)
+    expr = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:]))
+    swapped = ["-" if op == "+" else "+" for op in ops]
+    return expr, Example("swap", f"Swap + and -, then compute {expr}.",
+                                   str(evaluate_left_to_right(nums, swapped)), "math")
 
 
 def draw_cells(cells: dict):
@@ -77,46 +108,68 @@ def draw_cells(cells: dict):
 
 
 def make_image(rng: random.Random, level: int):
-    n_cells = rng.randint(1, level + 2)
+    """Level 1 counts every square (1 to 6); level ≥ 2 counts the squares of one colour among
+    up to 4·level coloured squares (0 to all of them)."""
+    n_cells = rng.randint(1, 6) if level == 1 else rng.randint(2, 4 * level)
     positions = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n_cells)
     cells = {pos: rng.choice(list(COLORS)) for pos in positions}
-    key = f"{sorted(cells.items())}"
-    return key, Example("image", "How many squares?", str(n_cells), "math", image=draw_cells(cells))
+    if level == 1:
+        return f"{sorted(cells.items())}", Example("image", "How many squares?", str(n_cells), "math",
+                                                   image=draw_cells(cells))
+    colour = rng.choice(list(COLORS))
+    count = sum(name == colour for name in cells.values())
+    return f"{sorted(cells.items())}|{colour}", Example("image", f"How many {colour} squares?", str(count), "math",
+                                                        image=draw_cells(cells))
 
 
 def make_video(rng: random.Random, level: int):
+    """`level` squares of different colours each move half a cell, each its own way; the
+    question names one of them."""
     names = rng.sample(list(COLORS), min(len(COLORS), level))
-    direction = rng.choice(list(DIRECTIONS))
-    dr, dc = DIRECTIONS[direction]
-    rows = range(max(0, -dr), GRID - max(0, dr))
-    cols = range(max(0, -dc), GRID - max(0, dc))
-    start = (rng.choice(rows), rng.choice(cols))
-    end = (start[0] + dr, start[1] + dc)
-    free = [(r, c) for r in range(GRID) for c in range(GRID) if (r, c) not in (start, end)]
-    still = dict(zip(rng.sample(free, len(names) - 1), names[1:]))
-    mover = names[0]
-    before, after = draw_cells({**still, start: mover}), draw_cells({**still, end: mover})
-    video = np.stack([before, before, after, after])    # the move lands between temporal patches
-    key = f"{sorted(still.items())}|{mover}|{start}|{direction}"
-    return key, Example("video", f"Which way did {mover} move?", direction, "exact", video=video)
+    taken, moves = set(), []
+    while len(moves) < len(names):
+        direction = rng.choice(list(DIRECTIONS))
+        dr, dc = DIRECTIONS[direction]
+        start = (rng.randrange(max(0, -dr), GRID - max(0, dr)), rng.randrange(max(0, -dc), GRID - max(0, dc)))
+        entered = (start[0] + dr, start[1] + dc)           # the cell its front half enters
+        if {start, entered} & taken:
+            continue
+        taken |= {start, entered}
+        moves.append((start, direction))
+    before, after = draw_cells({start: name for name, (start, _) in zip(names, moves)}), draw_cells({})
+    for name, (start, direction) in zip(names, moves):
+        dr, dc = DIRECTIONS[direction]
+        y, x = start[0] * CELL + dr * CELL // 2, start[1] * CELL + dc * CELL // 2   # half a cell on
+        after[y:y + CELL, x:x + CELL] = COLORS[name]
+    asked = rng.randrange(len(names))
+    video = np.stack([before, after, after, after])    # the moves inside the first temporal patch
+    key = f"{sorted(zip(names, moves))}|{names[asked]}"
+    return key, Example("video", f"Which way did {names[asked]} move?", moves[asked][1], "exact", video=video)
 
 
-GENERATORS = {"text": make_text, "image": make_image, "video": make_video}
+GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap}
 
 
 def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 2) -> list:
-    """n i.i.d. examples of `split` ("train" | "heldout"). Both splits follow the same level
-    mix, so a level with few distinct problems (one-step arithmetic has 200) repeats."""
+    """n examples of `split` ("train" | "heldout"), each level drawn uniformly from
+    1..difficulty. Training examples are i.i.d. (a problem may recur); held-out ones are
+    distinct problems, so an eval never counts one problem twice."""
     if domain not in GENERATORS:
         raise DataError(f"unknown domain '{domain}' (built-in domains: {', '.join(DOMAINS)})")
     rng = random.Random(f"{domain}-{split}-{seed}-{difficulty}")
-    out = []
+    out, seen, misses = [], set(), 0
     while len(out) < n:
-        # each example draws its level from 1..difficulty: easy ones teach the format, hard ones
-        # leave room for RL
         key, ex = GENERATORS[domain](rng, rng.randint(1, difficulty))
-        if split_of(key) == split:
-            out.append(ex)
+        if split_of(key) != split:
+            continue
+        if split == "heldout":
+            if key in seen:
+                misses += 1
+                if misses > 100 * n:
+                    raise DataError(f"{domain}: fewer than {n} distinct held-out problems at difficulty {difficulty}")
+                continue
+            seen.add(key)
+        out.append(ex)
     return out
 
 

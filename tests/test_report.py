@@ -24,7 +24,7 @@ def test_results_files_hold_the_table_budgets_and_divergence_cost(tmp_path):
     assert results["_divergence_cost"] == {"text": -0.1, "image": 0.1}       # mixed − expert
     md = (tmp_path / "results.md").read_text()
     assert "--seed 3" in md and "| copd | 75.0 | 85.0 | 80.0 |" in md
-    assert "over 50 prompts per domain" in md
+    assert "over 50 distinct problems per domain (binomial standard error at most 7.1 points" in md
     assert "- mixed: 20 GRPO steps on the union" in md and "- opd:" not in md   # only methods that ran
     assert "Divergence cost (mixed − expert, points): text -10.0, image +10.0" in md
     assert "Learning rate: AdamW, η = 0.001, constant." in md

@@ -7,7 +7,7 @@ from tasks import DataError, builtin_examples, load_domain, load_jsonl, split_of
 from verifiers import is_correct
 
 
-@pytest.mark.parametrize("domain", ["text", "image", "video"])
+@pytest.mark.parametrize("domain", ["text", "image", "video", "swap"])
 def test_splits_are_disjoint_and_seeded(domain):
     train = builtin_examples(domain, "train", 300, seed=0)
     held = builtin_examples(domain, "heldout", 100, seed=0)
@@ -19,14 +19,49 @@ def test_splits_are_disjoint_and_seeded(domain):
 
 
 def test_builtin_answers_are_right():
-    from tasks import CELL
+    from tasks import CELL, GRID
     for ex in builtin_examples("text", "train", 50, 1):
         assert is_correct(str(eval(ex.prompt[len("Compute "):-1])), ex.answer, ex.verifier)
+    for ex in builtin_examples("swap", "train", 50, 1):
+        expr = ex.prompt[len("Swap + and -, then compute "):-1]
+        swapped = expr.replace("+", "p").replace("-", "+").replace("p", "-")
+        assert is_correct(str(eval(swapped)), ex.answer, ex.verifier)
+    from tasks import COLORS
     for ex in builtin_examples("image", "train", 50, 1):
+        assert ex.image.shape == (GRID * CELL, GRID * CELL, 3)
         cells = ex.image[::CELL, ::CELL].reshape(-1, 3)                 # one pixel per cell
-        assert sum(bool(c.any()) for c in cells) == int(ex.answer)
+        colour = ex.prompt.split()[2]                                   # "How many red squares?"
+        wanted = (lambda c: c.any()) if colour == "squares?" else (lambda c: tuple(c) == COLORS[colour])
+        assert sum(bool(wanted(c)) for c in cells) == int(ex.answer)
+    moves = {(0, -1): "left", (0, 1): "right", (-1, 0): "up", (1, 0): "down"}
     for ex in builtin_examples("video", "train", 50, 1):
-        assert ex.video.shape == (4, 16, 16, 3) and ex.answer in ("left", "right", "up", "down")
+        assert ex.video.shape == (4, GRID * CELL, GRID * CELL, 3)
+        assert (ex.video[1] == ex.video[2]).all() and (ex.video[2] == ex.video[3]).all()   # moved once, early
+        mover = COLORS[ex.prompt.split()[3]]
+        centre = lambda frame: np.argwhere((frame == mover).all(-1)).mean(0)
+        shift = np.round((centre(ex.video[1]) - centre(ex.video[0])) / (CELL / 2)).astype(int)
+        assert moves[tuple(shift)] == ex.answer                                        # half a cell that way
+
+
+@pytest.mark.parametrize("domain, at_least", [("text", 2000), ("swap", 2000), ("image", 2000), ("video", 2000)])
+def test_every_domain_holds_out_thousands_of_distinct_problems(domain, at_least):
+    """The final eval draws 1,000 distinct held-out problems: a standard error of ≤ 1.6 points."""
+    import random
+    from tasks import GENERATORS
+    rng = random.Random(0)
+    keys = {GENERATORS[domain](rng, rng.randint(1, 2))[0] for _ in range(60000)}
+    assert sum(split_of(k) == "heldout" for k in keys) >= at_least
+    held = builtin_examples(domain, "heldout", 1000, seed=0)
+    key = lambda e: (e.prompt, e.answer, None if e.image is None else e.image.tobytes(),
+                     None if e.video is None else e.video.tobytes())
+    assert len({key(e) for e in held}) == 1000
+
+
+def test_text_and_swap_share_their_splits():
+    """A held-out expression is held out in both domains: neither trains on the other's eval."""
+    text = {e.prompt[len("Compute "):-1] for e in builtin_examples("text", "heldout", 300, 0)}
+    swap_train = {e.prompt[len("Swap + and -, then compute "):-1] for e in builtin_examples("swap", "train", 3000, 0)}
+    assert text and not text & swap_train
 
 
 def test_difficulty_changes_the_problems():
@@ -34,6 +69,8 @@ def test_difficulty_changes_the_problems():
     hard = [e.prompt for e in builtin_examples("text", "train", 100, 0, difficulty=3)]
     assert max(p.count("+") + p.count("-") for p in easy) == 1
     assert max(p.count("+") + p.count("-") for p in hard) == 3
+    with pytest.raises(DataError, match="video: fewer than 500 distinct held-out problems at difficulty 1"):
+        builtin_examples("video", "heldout", 500, 0, difficulty=1)   # 480 problems in all at level 1
 
 
 def test_split_holds_out_a_fifth_and_depends_on_the_key_alone():
