@@ -4,17 +4,18 @@ answers, and a JSONL loader for real data.
 
 Built-in tasks (generated from a seed). `difficulty` is the knob: each example draws a level
 from 1..difficulty, and the level sets
-  text  : arithmetic, left to right: a two-digit number, then ℓ one-digit operands, each added
-          or subtracted ("47+5-3" -> 49)
+  text  : arithmetic, left to right, on ℓ + 2 one-digit operands, each after the first added or
+          subtracted ("7+5-3" -> 9; level 1 has 4,000 problems, level 2 has 80,000)
   swap  : the same problems with + and − swapped, said in the prompt ("Swap + and -, then
-          compute 47+5-3." -> 47−5+3 = 45): inputs that look like text's, a different mapping to the
+          compute 7+5-3." -> 7−5+3 = 5): inputs that look like text's, a different mapping to the
           same numbers (the pair that competes, text ~ swap). A problem's split is the same in
           both domains
   image : coloured squares in a 6x6 grid (a 24x24 picture). Level 1: "How many squares?" over 1
-          to 6 of them; level ≥ 2: "How many red squares?" among 2 to 4·level
-  video : 4 frames of the 6x6 grid; `level` squares of different colours each move half a
-          cell, each its own way, between the first and the second frame: "Which way did red
-          move?" -> left | right | up | down. The move sits inside the first pair of frames, which
+          to 6 of them; level ≥ 2: "How many red squares?" among 2 to 6·level
+  video : 4 frames of the 6x6 grid; ℓ + 1 squares of different colours each move half a cell,
+          each a different way, between the first and the second frame: "Which way did red move?"
+          -> left | right | up | down. Level 0, one mover, is the warm start's (warmstart.py): it
+          teaches motion; the levels ≥ 1 of RL and evaluation ask which square is which. The move sits inside the first pair of frames, which
           Qwen2-VL's temporal patch merges, and inside the square's own patches: one vision
           patch sees the before and the after of the motion (a move between frame pairs, or a
           whole-cell jump between patches, is seen by no patch alone: the tiny tower never
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DOMAINS = ("text", "image", "video", "swap")
+TASKS_VERSION = 2                      # bumped when a generator changes: cached π_0s are rebuilt
 HELD_OUT_FRACTION = 0.2
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
 CELL, GRID = 4, 6                     # 6x6 cells of 4x4 pixels: a 24x24 picture, 3x3 vision tokens
@@ -73,9 +75,9 @@ def split_of(key: str) -> str:
 # generators: each returns (split key, Example)
 
 def arithmetic(rng: random.Random, level: int) -> tuple:
-    """(operands, operators) of one problem: a two-digit number, then `level` one-digit
-    operands, each added or subtracted."""
-    return [rng.randint(10, 99)] + [rng.randint(0, 9) for _ in range(level)], [rng.choice("+-") for _ in range(level)]
+    """(operands, operators) of one problem: level + 2 one-digit operands, each after the first
+    added or subtracted."""
+    return [rng.randint(0, 9) for _ in range(level + 2)], [rng.choice("+-") for _ in range(level + 1)]
 
 
 def evaluate_left_to_right(nums: list, ops: list) -> int:
@@ -100,7 +102,7 @@ def make_swap(rng: random.Random, level: int):
 
 
 def draw_cells(cells: dict):
-    """cells: {(row, col): colour name} -> a (16, 16, 3) uint8 picture on black."""
+    """cells: {(row, col): colour name} -> a (24, 24, 3) uint8 picture on black."""
     img = np.zeros((GRID * CELL, GRID * CELL, 3), dtype=np.uint8)
     for (r, c), name in cells.items():
         img[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] = COLORS[name]
@@ -109,8 +111,8 @@ def draw_cells(cells: dict):
 
 def make_image(rng: random.Random, level: int):
     """Level 1 counts every square (1 to 6); level ≥ 2 counts the squares of one colour among
-    up to 4·level coloured squares (0 to all of them)."""
-    n_cells = rng.randint(1, 6) if level == 1 else rng.randint(2, 4 * level)
+    up to 6·level coloured squares (0 to all of them)."""
+    n_cells = rng.randint(1, 6) if level == 1 else rng.randint(2, 6 * level)
     positions = rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n_cells)
     cells = {pos: rng.choice(list(COLORS)) for pos in positions}
     if level == 1:
@@ -123,12 +125,12 @@ def make_image(rng: random.Random, level: int):
 
 
 def make_video(rng: random.Random, level: int):
-    """`level` squares of different colours each move half a cell, each its own way; the
+    """level + 1 squares of different colours each move half a cell, each a different way; the
     question names one of them."""
-    names = rng.sample(list(COLORS), min(len(COLORS), level))
+    names = rng.sample(list(COLORS), min(len(COLORS), level + 1))
     taken, moves = set(), []
     while len(moves) < len(names):
-        direction = rng.choice(list(DIRECTIONS))
+        direction = rng.choice([d for d in DIRECTIONS if d not in {way for _, way in moves}])
         dr, dc = DIRECTIONS[direction]
         start = (rng.randrange(max(0, -dr), GRID - max(0, dr)), rng.randrange(max(0, -dc), GRID - max(0, dc)))
         entered = (start[0] + dr, start[1] + dc)           # the cell its front half enters
@@ -150,16 +152,17 @@ def make_video(rng: random.Random, level: int):
 GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap}
 
 
-def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 2) -> list:
-    """n examples of `split` ("train" | "heldout"), each level drawn uniformly from
-    1..difficulty. Training examples are i.i.d. (a problem may recur); held-out ones are
+def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 2, levels=None) -> list:
+    """n examples of `split` ("train" | "heldout"), each level drawn uniformly from `levels`
+    (default 1..difficulty). Training examples are i.i.d. (a problem may recur); held-out ones are
     distinct problems, so an eval never counts one problem twice."""
     if domain not in GENERATORS:
         raise DataError(f"unknown domain '{domain}' (built-in domains: {', '.join(DOMAINS)})")
-    rng = random.Random(f"{domain}-{split}-{seed}-{difficulty}")
+    levels = list(levels or range(1, difficulty + 1))
+    rng = random.Random(f"{domain}-{split}-{seed}-{levels}")
     out, seen, misses = [], set(), 0
     while len(out) < n:
-        key, ex = GENERATORS[domain](rng, rng.randint(1, difficulty))
+        key, ex = GENERATORS[domain](rng, rng.choice(levels))
         if split_of(key) != split:
             continue
         if split == "heldout":

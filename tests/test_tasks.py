@@ -43,6 +43,22 @@ def test_builtin_answers_are_right():
         assert moves[tuple(shift)] == ex.answer                                        # half a cell that way
 
 
+def test_video_levels_count_the_movers_and_each_moves_its_own_way():
+    """Level 0 (the warm start's) has one mover; level ℓ ≥ 1 has ℓ + 1, in different directions,
+    so a model that sees motion but not which square made it is right 1/(ℓ + 1) of the time."""
+    from tasks import COLORS
+    for level in (0, 1, 2):
+        for ex in builtin_examples("video", "train", 30, 0, levels=(level,)):
+            moved = [name for name, rgb in COLORS.items()
+                     if (ex.video[0] == rgb).all(-1).any() and not ((ex.video[0] == rgb).all(-1) == (ex.video[1] == rgb).all(-1)).all()]
+            assert len(moved) == level + 1
+            ways = set()
+            for name in moved:
+                at = lambda f: np.argwhere((f == COLORS[name]).all(-1)).mean(0)
+                ways.add(tuple(np.sign(np.round(at(ex.video[1]) - at(ex.video[0]))).astype(int)))
+            assert len(ways) == level + 1
+
+
 @pytest.mark.parametrize("domain, at_least", [("text", 2000), ("swap", 2000), ("image", 2000), ("video", 2000)])
 def test_every_domain_holds_out_thousands_of_distinct_problems(domain, at_least):
     """The final eval draws 1,000 distinct held-out problems: a standard error of ≤ 1.6 points."""
@@ -67,10 +83,10 @@ def test_text_and_swap_share_their_splits():
 def test_difficulty_changes_the_problems():
     easy = {e.prompt for e in builtin_examples("text", "train", 100, 0, difficulty=1)}
     hard = [e.prompt for e in builtin_examples("text", "train", 100, 0, difficulty=3)]
-    assert max(p.count("+") + p.count("-") for p in easy) == 1
-    assert max(p.count("+") + p.count("-") for p in hard) == 3
-    with pytest.raises(DataError, match="video: fewer than 500 distinct held-out problems at difficulty 1"):
-        builtin_examples("video", "heldout", 500, 0, difficulty=1)   # 480 problems in all at level 1
+    assert {p.count("+") + p.count("-") for p in easy} == {2}          # three operands
+    assert max(p.count("+") + p.count("-") for p in hard) == 4
+    with pytest.raises(DataError, match="text: fewer than 1000 distinct held-out problems at difficulty 1"):
+        builtin_examples("text", "heldout", 1000, 0, difficulty=1)   # 4,000 problems at level 1, a fifth held out
 
 
 def test_split_holds_out_a_fifth_and_depends_on_the_key_alone():
