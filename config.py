@@ -42,7 +42,7 @@ class Preset:
     steps: int = 60                    # T: GRPO steps of one expert; mixed and CoPD get K·T
     max_total_steps: int = 0           # if set, T = min(steps, this // K): K·T stays within it as experts are added
     cycles: int = 4                    # N of CoPD
-    difficulty: int = 2
+    difficulty: int = 4                  # tasks.py: levels 1..difficulty; π_0 is taught the easy ones
     train_pool: int = 4000             # training prompts per domain
     eval_size: int = 400               # held-out prompts per domain, final eval
     curve_eval_size: int = 100         # held-out prompts per domain, evals during training
@@ -300,7 +300,7 @@ def load_base(args, preset: Preset):
                                  "--local-dir DIR), copy DIR here and pass --model DIR") from None
             raise UsageError(f"--model {args.model}: cannot load it ({why})") from None
     else:
-        model, proc = warm_start(preset.tiny, replace(preset.warm, difficulty=preset.difficulty), args.seed,
+        model, proc = warm_start(preset.tiny, preset.warm, args.seed,
                                  device=args.device)
         model = model.to(DTYPES[args.dtype])
     try:

@@ -12,10 +12,10 @@ from 1..difficulty, and the level sets
           both domains
   image : coloured squares in a 6x6 grid (a 24x24 picture). Level 1: "How many squares?" over 1
           to 6 of them; level ≥ 2: "How many red squares?" among 2 to 6·level
-  video : 4 frames of the 6x6 grid; ℓ + 1 squares of different colours each move half a cell,
-          each a different way, between the first and the second frame: "Which way did red move?"
-          -> left | right | up | down. Level 0, one mover, is the warm start's (warmstart.py): it
-          teaches motion; the levels ≥ 1 of RL and evaluation ask which square is which. The move sits inside the first pair of frames, which
+  video : 4 frames of the 6x6 grid; min(ℓ, 4) squares of different colours each move half a
+          cell, each a different way, between the first and the second frame: "Which way did red
+          move?" -> left | right | up | down. With two or more movers the question is also which
+          square is which The move sits inside the first pair of frames, which
           Qwen2-VL's temporal patch merges, and inside the square's own patches: one vision
           patch sees the before and the after of the motion (a move between frame pairs, or a
           whole-cell jump between patches, is seen by no patch alone: the tiny tower never
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DOMAINS = ("text", "image", "video", "swap")
-TASKS_VERSION = 2                      # bumped when a generator changes: cached π_0s are rebuilt
+TASKS_VERSION = 3                      # bumped when a generator changes: cached π_0s are rebuilt
 HELD_OUT_FRACTION = 0.2
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
 CELL, GRID = 4, 6                     # 6x6 cells of 4x4 pixels: a 24x24 picture, 3x3 vision tokens
@@ -56,6 +56,7 @@ class Example:
     image: np.ndarray | None = None       # (H, W, 3) uint8
     video: np.ndarray | None = None       # (T, H, W, 3) uint8
     source: str = ""                      # file:line of a JSONL row (for error messages)
+    level: int = 0                        # a built-in task's level (0 for JSONL rows)
 
     def target(self):
         """The response the warm start teaches."""
@@ -125,9 +126,9 @@ def make_image(rng: random.Random, level: int):
 
 
 def make_video(rng: random.Random, level: int):
-    """level + 1 squares of different colours each move half a cell, each a different way; the
-    question names one of them."""
-    names = rng.sample(list(COLORS), min(len(COLORS), level + 1))
+    """`level` squares (at most 4) of different colours each move half a cell, each a different
+    way; the question names one of them."""
+    names = rng.sample(list(COLORS), min(len(COLORS), level))
     taken, moves = set(), []
     while len(moves) < len(names):
         direction = rng.choice([d for d in DIRECTIONS if d not in {way for _, way in moves}])
@@ -152,24 +153,27 @@ def make_video(rng: random.Random, level: int):
 GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap}
 
 
-def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 2, levels=None) -> list:
+def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 4, levels=None) -> list:
     """n examples of `split` ("train" | "heldout"), each level drawn uniformly from `levels`
     (default 1..difficulty). Training examples are i.i.d. (a problem may recur); held-out ones are
-    distinct problems, so an eval never counts one problem twice."""
+    distinct problems, so an eval never counts one problem twice: a level with fewer problems than
+    its share (video's one mover: 84 held out) gives all it has, and the rest come from the others."""
     if domain not in GENERATORS:
         raise DataError(f"unknown domain '{domain}' (built-in domains: {', '.join(DOMAINS)})")
     levels = list(levels or range(1, difficulty + 1))
     rng = random.Random(f"{domain}-{split}-{seed}-{levels}")
     out, seen, misses = [], set(), 0
     while len(out) < n:
-        key, ex = GENERATORS[domain](rng, rng.choice(levels))
+        level = rng.choice(levels)
+        key, ex = GENERATORS[domain](rng, level)
+        ex.level = level
         if split_of(key) != split:
             continue
         if split == "heldout":
             if key in seen:
                 misses += 1
                 if misses > 100 * n:
-                    raise DataError(f"{domain}: fewer than {n} distinct held-out problems at difficulty {difficulty}")
+                    raise DataError(f"{domain}: fewer than {n} distinct held-out problems at levels {levels}")
                 continue
             seen.add(key)
         out.append(ex)
@@ -221,7 +225,7 @@ def load_jsonl(path: str, domain: str) -> list:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
                 raise DataError(f"{where}: a row needs a string 'prompt' and an 'answer'")
-            verifier = row.get("verifier", "math" if domain == "text" else "exact")
+            verifier = row.get("verifier", "math" if domain in ("text", "swap") else "exact")
             if verifier not in ("math", "exact", "choice"):
                 raise DataError(f"{where}: unknown verifier '{verifier}' (math, exact or choice)")
             ex = Example(domain, row["prompt"], _answer(row["answer"], where), verifier, source=where)
