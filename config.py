@@ -87,7 +87,7 @@ class UsageError(Exception):
 
 def parse_args(argv=None, description: str = ""):
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--experts", default="text,image", help="comma-separated domains: text,image,video")
+    ap.add_argument("--experts", default="text,image", help="comma-separated domains: text,image,video,swap")
     ap.add_argument("--method", default="copd", help="|".join(METHODS))
     ap.add_argument("--preset", default="cpu", help="smoke | cpu | gpu")
     ap.add_argument("--seed", type=int, default=0)

@@ -1,28 +1,26 @@
 """
-Prompts D_d for each capability d ∈ {text, image, video}: built-in generators with exact
+Prompts D_d for each capability d ∈ {text, swap, image, video}: built-in generators with exact
 answers, and a JSONL loader for real data.
 
-Built-in tasks (generated from a seed). `difficulty` is the knob: each example draws a level
-from 1..difficulty, and the level sets
+Built-in tasks (generated from a seed). `difficulty` is the knob: each example draws a level ℓ
+from 1..difficulty (4 in the presets), and the level sets
   text  : arithmetic, left to right, on ℓ + 2 one-digit operands, each after the first added or
-          subtracted ("7+5-3" -> 9; level 1 has 4,000 problems, level 2 has 80,000)
-  swap  : the same problems with + and − swapped, said in the prompt ("Swap + and -, then
-          compute 7+5-3." -> 7−5+3 = 5): inputs that look like text's, a different mapping to the
-          same numbers (the pair that competes, text ~ swap). A problem's split is the same in
-          both domains
-  image : coloured squares in a 6x6 grid (a 24x24 picture). Level 1: "How many squares?" over 1
-          to 6 of them; level ≥ 2: "How many red squares?" among 2 to 6·level
+          subtracted ("7+5-3" -> 9; 4,000 problems at ℓ = 1, 32 million at ℓ = 4)
+  swap  : text's problems with + and − swapped, as the prompt says ("Swap + and -, then compute
+          7+5-3." -> 7−5+3 = 5): inputs that look like text's, mapped to other numbers. A problem
+          has the same split in both domains, so neither trains on the other's eval
+  image : coloured squares in a 6x6 grid (a 24x24 picture). ℓ = 1: "How many squares?" over 1
+          to 6 of them; ℓ ≥ 2: "How many red squares?" among 2 to 6ℓ squares of four colours
   video : 4 frames of the 6x6 grid; min(ℓ, 4) squares of different colours each move half a
-          cell, each a different way, between the first and the second frame: "Which way did red
-          move?" -> left | right | up | down. With two or more movers the question is also which
-          square is which The move sits inside the first pair of frames, which
-          Qwen2-VL's temporal patch merges, and inside the square's own patches: one vision
-          patch sees the before and the after of the motion (a move between frame pairs, or a
-          whole-cell jump between patches, is seen by no patch alone: the tiny tower never
-          learned those)
+          cell, each a different way: "Which way did red move?" -> left | right | up | down.
+          With two or more movers the question is also which square is which. The move sits
+          inside the first pair of frames, which Qwen2-VL's temporal patch merges, and inside the
+          square's own patches, so one vision patch sees both its before and its after (a move
+          between frame pairs, or a whole-cell jump between patches, is seen by no patch alone:
+          the tiny vision tower never learned those)
 
-Evaluation problems are distinct (`builtin_examples` never repeats a held-out problem), so an
-eval of n problems has a binomial standard error of at most 50/√n points.
+Held-out problems are distinct (`builtin_examples` never repeats one), so an eval of n problems
+has a binomial standard error of at most 50/√n points.
 
 Train and held-out splits are disjoint by construction: an example's split is a hash of its
 content, so no held-out problem is ever trained on, whatever the seed.
