@@ -211,7 +211,7 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     try:
         code = _main(args, rank)
-        parallel.stop()
+        parallel.stop(code)
     except parallel.PeerError as e:
         parallel.give_up(e)
     except KeyboardInterrupt:
