@@ -29,6 +29,48 @@ def results_table(results: dict, domains: list) -> str:
     return "\n".join(lines)
 
 
+def compute(results: dict, rows: list) -> dict:
+    """What each result row cost, from the metrics log: optimizer updates, rollout tokens the
+    students sampled (GRPO and OPD rollouts) and teacher tokens scored (OPD); the same on every
+    rerun (wall time is apart, in `_wall_s`). A summary row sums its members ("experts": every expert:d, "opd": every
+    direction, "copd": its branches). Static OPD and MOPD start from finished experts: their
+    rows count the distillation alone; add the experts' row for the whole pipeline."""
+    per_model = {}
+    for r in rows:
+        if r.get("kind") != "train":
+            continue
+        c = per_model.setdefault(r["model"], {"updates": 0, "rollout_tokens": 0, "teacher_tokens": 0})
+        teacher = sum(v for k, v in r.items() if k.startswith("opd_tokens"))
+        c["updates"] += not r.get("skipped")
+        c["rollout_tokens"] += r.get("tokens", 0) + teacher
+        c["teacher_tokens"] += teacher
+    out = {}
+    for name in results:
+        if name.startswith("_") or name == "base":
+            continue
+        prefix = {"experts": "expert:", "rlvr": "expert:", "opd": "opd:", "copd": "copd:"}.get(name)
+        members = [m for m in per_model if prefix and m.startswith(prefix)] or [name]
+        out[name] = {k: sum(per_model.get(m, {}).get(k, 0) for m in members)
+                     for k in ("updates", "rollout_tokens", "teacher_tokens")}
+    return out
+
+
+def wall_time(results: dict, name: str) -> float:
+    """Seconds a result row took (its stage's time; a summary row: the sum of its members')."""
+    wall = results.get("_wall_s", {})
+    if name in wall:
+        return wall[name]
+    prefix = {"experts": "expert:", "rlvr": "expert:", "opd": "opd:"}.get(name, name + ":")
+    return sum(v for m, v in wall.items() if m.startswith(prefix))
+
+
+def compute_table(results: dict) -> str:
+    lines = ["| model | optimizer updates | rollout tokens | teacher tokens | wall time |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {c['updates']:,} | {c['rollout_tokens']:,} | {c['teacher_tokens']:,} | "
+              f"{wall_time(results, m):.0f} s |" for m, c in results["_compute"].items()]
+    return "\n".join(lines)
+
+
 def describe_lr(lr: float, schedule: str, min_frac: float) -> str:
     decay = f", cosine to {min_frac * lr:g} over each loop" if schedule == "cosine" else ", constant"
     return f"AdamW, η = {lr:g}{decay}"
@@ -42,6 +84,10 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
     describe_lr()."""
     cost = {m: round(results[m]["average"] - results["base"]["average"], 4)
             for m in results if not m.startswith("_") and "base" in results}
+    metrics = os.path.join(out, "metrics.jsonl")
+    if os.path.isfile(metrics):
+        with open(metrics) as f:
+            results["_compute"] = compute(results, [json.loads(line) for line in f if line.strip()])
     if "mixed" in results and "experts" in results:
         results["_divergence_cost"] = {d: round(results["mixed"][d] - results["experts"][d], 4) for d in domains}
     _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1))
@@ -52,6 +98,9 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
     trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in results}
     md += [f"- {m}: {b}" for m, b in budget.items() if m in trained]
     md += ["", f"Learning rate: {learning_rate}."]
+    if results.get("_compute"):
+        md += ["", "Compute (static OPD and MOPD rows count the distillation alone; they start from the experts):",
+               "", compute_table(results)]
     if "_divergence_cost" in results:
         md += ["", "Divergence cost (mixed − expert, points): " +
                ", ".join(f"{d} {100 * v:+.1f}" for d, v in results["_divergence_cost"].items())]
@@ -147,6 +196,67 @@ def summary_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+# -----------------------------------------------------------------------------
+# the paper's claims, each a paired difference over seeds
+
+# two-sided 95% quantiles of Student's t, by degrees of freedom (seeds − 1)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 29: 2.045}
+
+
+def t_interval(diffs: list) -> tuple:
+    """Mean and 95% t-interval of paired differences: mean ± t₀.₉₇₅,ₙ₋₁ · s/√n over the n seeds.
+    The seed is the unit: it redraws π_0, the rollouts and the eval set's share of luck at once."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, float("-inf"), float("inf")
+    sd = (sum((x - mean) ** 2 for x in diffs) / (n - 1)) ** 0.5
+    t = T_975[max(k for k in T_975 if k <= n - 1)]      # a table gap rounds to the wider interval
+    return mean, mean - t * sd / n ** 0.5, mean + t * sd / n ** 0.5
+
+
+def final_overlap(rows: list, method: str) -> float | None:
+    """Mean top-k overlap between the method's models (not π_0) at its last measurement."""
+    last = {}
+    for r in rows:
+        if r.get("kind") == "divergence" and r["method"] == method and "base" not in r["pair"]:
+            last[r["pair"]] = r["overlap"]
+    return sum(last.values()) / len(last) if last else None
+
+
+def claim_differences(runs: list) -> dict:
+    """{claim: per-seed differences in points}, for the claims every run can answer."""
+    domains = [k for k in runs[0][0]["base"] if k != "average"]
+    claims = {"CoPD > mixed RLVR": ("copd", "mixed", "average"),
+              "CoPD > MOPD": ("copd", "mopd", "average"),
+              "CoPD > static OPD": ("copd", "opd", "average")}
+    claims.update({f"CoPD ≥ the {d} expert on {d}": ("copd", f"expert:{d}", d) for d in domains})
+    out = {}
+    for claim, (a, b, col) in claims.items():
+        if all(a in res and b in res for res, _ in runs):
+            out[claim] = [100 * (res[a][col] - res[b][col]) for res, _ in runs]
+    overlaps = [(final_overlap(rows, "copd"), final_overlap(rows, "experts")) for _, rows in runs]
+    if all(c is not None and e is not None for c, e in overlaps):
+        out["overlap: CoPD branches > experts"] = [100 * (c - e) for c, e in overlaps]
+    return out
+
+
+def verdict(low: float, high: float) -> str:
+    return "holds" if low > 0 else "fails" if high < 0 else "undecided"
+
+
+def claims_table(runs: list) -> str:
+    """Each claim: its per-seed paired differences (points), their mean with a 95% t-interval
+    over seeds, and a verdict: holds (interval above 0), fails (below 0) or undecided."""
+    lines = ["| claim | per seed (points) | mean | 95% interval | verdict |", "|---|---|---|---|---|"]
+    for claim, diffs in claim_differences(runs).items():
+        mean, low, high = t_interval(diffs)
+        lines.append(f"| {claim} | {', '.join(f'{d:+.1f}' for d in diffs)} | {mean:+.1f} | "
+                     f"[{low:+.1f}, {high:+.1f}] | {verdict(low, high)} |")
+    return "\n".join(lines)
+
+
 def _mean_curve(curves: list):
     """Mean over runs of (step, value) curves, on the steps every run has."""
     steps = sorted(set.intersection(*[set(dict(c)) for c in curves]))
@@ -198,6 +308,9 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(summary_table(loaded))
+    print()
+    print(f"The paper's claims: paired differences over {len(loaded)} seed(s), 95% t-interval over seeds.\n")
+    print(claims_table(loaded))
     if a.plot:
         os.makedirs(os.path.dirname(a.plot) or ".", exist_ok=True)
         plot_reproduction(loaded, a.plot)

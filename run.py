@@ -168,6 +168,7 @@ class Run:
         row = {d: round(a["greedy"], 4) for d, a in accs.items()}
         row["average"] = round(sum(row.values()) / len(row), 4)
         self.results[method] = row
+        self.results.setdefault("_wall_s", {})[method] = round(time.time() - self.stage_t0, 1)
         # the binomial standard error of each accuracy, over the distinct problems evaluated
         problems = {d: len(self.heldout[d][:self.p.eval_size]) for d in accs}
         self.results["_eval_problems"] = problems

@@ -73,3 +73,46 @@ def test_summary_names_a_folder_that_is_not_a_finished_run(tmp_path):
     r = subprocess.run([sys.executable, "report.py", str(tmp_path / "half")], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert r.returncode == 2 and "results.json: no such file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_t_interval_matches_the_textbook():
+    from report import t_interval
+    mean, low, high = t_interval([1.0, 2.0, 3.0])          # s = 1, n = 3, t(0.975, 2) = 4.303
+    assert mean == 2.0 and abs(high - mean - 4.303 / 3 ** 0.5) < 1e-9 and abs(mean - low - 4.303 / 3 ** 0.5) < 1e-9
+
+
+def test_claims_find_a_known_difference_in_fake_runs(tmp_path):
+    """Five fake seeds: CoPD beats mixed by 5 points (± 0.5), loses to MOPD by 3, ties static
+    OPD within noise, and its branches overlap 4 points more than the experts do."""
+    import random
+    from report import claim_differences, claims_table, load_runs
+    rng = random.Random(0)
+    folders = []
+    for seed in range(5):
+        acc = lambda centre: round(centre + rng.uniform(-0.005, 0.005), 4)
+        copd = acc(0.50)
+        results = {"base": {"text": 0.4, "image": 0.4, "average": 0.4},
+                   "mixed": {"text": 0.45, "image": 0.45, "average": copd - 0.05 + rng.uniform(-0.005, 0.005)},
+                   "mopd": {"text": 0.53, "image": 0.53, "average": copd + 0.03},
+                   "opd": {"text": 0.5, "image": 0.5, "average": copd + rng.choice([-0.04, 0.04])},
+                   "copd": {"text": copd, "image": copd, "average": copd},
+                   "expert:text": {"text": copd - 0.1, "image": 0.4, "average": 0.4},
+                   "expert:image": {"text": 0.4, "image": copd + 0.1, "average": 0.4}}
+        rows = [{"kind": "divergence", "method": "copd", "pair": "image~text", "step": 10, "overlap": 0.5},
+                {"kind": "divergence", "method": "copd", "pair": "image~text", "step": 20, "overlap": 0.90},
+                {"kind": "divergence", "method": "copd", "pair": "text~base", "step": 20, "overlap": 0.1},
+                {"kind": "divergence", "method": "experts", "pair": "image~text", "step": 20, "overlap": 0.86}]
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(results))
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        folders.append(str(folder))
+    runs = load_runs(folders)
+    diffs = claim_differences(runs)
+    assert all(abs(d - 5.0) < 1.0 for d in diffs["CoPD > mixed RLVR"])
+    assert all(abs(d - 4.0) < 1e-6 for d in diffs["overlap: CoPD branches > experts"])   # last step, π_0 pairs left out
+    verdicts = {line.split(" | ")[0][2:]: line.split(" | ")[-1].rstrip(" |")
+                for line in claims_table(runs).splitlines()[2:]}
+    assert verdicts == {"CoPD > mixed RLVR": "holds", "CoPD > MOPD": "fails", "CoPD > static OPD": "undecided",
+                        "CoPD ≥ the text expert on text": "holds", "CoPD ≥ the image expert on image": "fails",
+                        "overlap: CoPD branches > experts": "holds"}
