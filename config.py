@@ -24,10 +24,10 @@ from rollout import SamplingConfig
 from tasks import DOMAINS, DataError, load_jsonl
 from warmstart import WarmStartConfig, warm_start
 
-METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "all")
+METHODS = ("base", "rlvr", "experts", "mixed", "opd", "mopd", "copd", "copd@equal", "all")
 # the stages each --method runs, in order; a method not listed runs π_0's eval, then itself
-STAGES = {"all": ("base", "experts", "mixed", "opd", "mopd", "copd"), "rlvr": ("base", "experts")}
-NEEDS_TWO_DOMAINS = ("mixed", "opd", "mopd", "copd", "all")
+STAGES = {"all": ("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal"), "rlvr": ("base", "experts")}
+NEEDS_TWO_DOMAINS = ("mixed", "opd", "mopd", "copd", "copd@equal", "all")
 TOPOLOGIES = ("hub", "all-pairs")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name on the Hugging Face Hub
@@ -69,12 +69,12 @@ def presets():
     cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
                  eval_every=50, eval_size=1000, curve_eval_size=200,
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
-                 opd=OPDConfig(prompts_per_step=16, samples_per_prompt=4))
+                 opd=OPDConfig(prompts_per_step=8, samples_per_prompt=8))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
                  tiny=TinyConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=768),
                  warm=WarmStartConfig(steps=1500, batch_size=128),
                  rl=RLConfig(prompts_per_step=64, group_size=8, micro_batch=512, sampling=sampling),
-                 opd=OPDConfig(prompts_per_step=64, samples_per_prompt=4))
+                 opd=OPDConfig(prompts_per_step=32, samples_per_prompt=8))
     return {"smoke": smoke, "cpu": cpu, "gpu": gpu}
 
 
@@ -101,6 +101,8 @@ def parse_args(argv=None, description: str = ""):
     ap.add_argument("--lr", type=float, default=None, help="peak learning rate η (overrides the preset)")
     ap.add_argument("--lr-schedule", default=None, help="cosine | constant")
     ap.add_argument("--opd-loss", default=None, help="sampled | full | topk")
+    ap.add_argument("--opd-beta", type=float, default=None,
+                    help="β of Eq. 8, the weight of the OPD advantages beside GRPO's in one update (default 1)")
     ap.add_argument("--loss-agg", default=None, help="token | seq | seq_len_max")
     ap.add_argument("--advantage", default=None, help="grpo | dr_grpo")
     ap.add_argument("--topology", default="hub", help=" | ".join(TOPOLOGIES) + " (three or more experts)")
@@ -173,6 +175,10 @@ def validate(args) -> Preset:
         if not (math.isfinite(args.lr) and args.lr > 0):
             raise UsageError(f"--lr must be a positive number, got {args.lr}")
         preset.lr = args.lr
+    if args.opd_beta is not None:
+        if not (math.isfinite(args.opd_beta) and args.opd_beta >= 0):
+            raise UsageError(f"--opd-beta must be a number ≥ 0, got {args.opd_beta}")
+        preset.opd.beta = args.opd_beta
     if args.max_new_tokens:
         preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens)
     if args.micro_batch:
@@ -219,7 +225,7 @@ def settings(args, preset: Preset) -> dict:
     return {"--experts": ",".join(args.experts), "--method": args.method, "--preset": args.preset,
             "--seed": args.seed, "--steps": preset.steps, "--model": args.model,
             "--data": ",".join(f"{d}={p}" for d, p in sorted(args.data.items())), "--lr": preset.lr,
-            "--lr-schedule": preset.lr_schedule, "--opd-loss": preset.opd.loss, "--loss-agg": preset.rl.loss_agg,
+            "--lr-schedule": preset.lr_schedule, "--opd-loss": preset.opd.loss, "--opd-beta": preset.opd.beta, "--loss-agg": preset.rl.loss_agg,
             "--advantage": preset.rl.advantage, "--topology": args.topology,
             "--max-new-tokens": preset.rl.sampling.max_new_tokens, "--dtype": args.dtype, "--lora-rank": args.lora_rank}
 
@@ -256,8 +262,8 @@ def check_data(args, preset: Preset, model, proc):
 def start_ranks(args, preset: Preset):
     """Under torchrun: refuse what one branch per rank rules out, then join the process group
     (parallel.py). Returns the Layout: which branch and replica this rank holds."""
-    if args.method != "copd":
-        raise UsageError(f"under torchrun only --method copd runs (its branches are what the ranks "
+    if args.method not in ("copd", "copd@equal"):
+        raise UsageError(f"under torchrun only --method copd or copd@equal runs (its branches are what the ranks "
                          f"split); run --method {args.method} as one process")
     if args.resume:
         raise UsageError("--resume is not available under torchrun: rerun, or run as one process")

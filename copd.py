@@ -157,15 +157,15 @@ class Branches:
     """CoPD's K branches, all in this process. parallel.RankBranches offers the same calls with
     one branch per rank under torchrun; train.train_copd drives either without asking which."""
 
-    def __init__(self, model0, domains: list, links: dict, make_optimizer):
-        self.links = links
+    def __init__(self, model0, domains: list, links: dict, make_optimizer, name: str = "copd"):
+        self.links, self.name = links, name
         self.models = {d: clone_policy(model0) for d in domains}
         self.optimizers = {d: make_optimizer(m) for d, m in self.models.items()}
 
     def named(self) -> tuple:
-        """({"copd:<domain>": model}, {"copd:<domain>": optimizer}) of the branches held here."""
-        return ({f"copd:{d}": m for d, m in self.models.items()},
-                {f"copd:{d}": o for d, o in self.optimizers.items()})
+        """({"<name>:<domain>": model}, {"<name>:<domain>": optimizer}) of the branches held here."""
+        return ({f"{self.name}:{d}": m for d, m in self.models.items()},
+                {f"{self.name}:{d}": o for d, o in self.optimizers.items()})
 
     def step(self, proc, pools: dict, phase: str, rl: RLConfig, opd: OPDConfig, step_seed) -> dict:
         """One update of every branch; returns {domain: stats}. Phase II builds every branch's

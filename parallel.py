@@ -174,15 +174,15 @@ class RankBranches:
     """This rank's branch, with the calls of copd.Branches: `step` and `measure` return what
     every branch did (gathered from the ranks), `merge` the average of all of them."""
 
-    def __init__(self, layout: Layout, model0, links: dict, make_optimizer):
-        self.layout, self.links = layout, links
+    def __init__(self, layout: Layout, model0, links: dict, make_optimizer, name: str = "copd"):
+        self.layout, self.links, self.name = layout, links, name
         d = layout.branch
         self.models = {d: clone_policy(model0)}
         self.optimizers = {d: make_optimizer(self.models[d])}
 
     def named(self) -> tuple:
         d = self.layout.branch
-        return {f"copd:{d}": self.models[d]}, {f"copd:{d}": self.optimizers[d]}
+        return {f"{self.name}:{d}": self.models[d]}, {f"{self.name}:{d}": self.optimizers[d]}
 
     def step(self, proc, pools: dict, phase: str, rl, opd, step_seed) -> dict:
         """This rank's share of copd.Branches.step: same batches, same update, for its branch only."""
@@ -200,7 +200,7 @@ class RankBranches:
     def measure(self, measure, models: dict) -> dict:
         """A branch is measured by its first replica, any other model (the merge) by rank 0;
         every rank learns every result."""
-        own = f"copd:{self.layout.branch}"
+        own = f"{self.name}:{self.layout.branch}"
         mine = {name: measure(name, m) for name, m in models.items()
                 if (self.layout.replica == 0 if name == own else self.layout.rank == 0)}
         return {name: accs for part in gather(mine, "an evaluation") for name, accs in part.items()}

@@ -16,8 +16,9 @@ def budgets(K: int, T: int, model: str | None) -> dict:
             "experts": f"{T} GRPO steps per expert ({K} experts)",
             "mixed": f"{K * T} GRPO steps on the union",
             "opd": f"experts + {T} OPD steps per direction",
-            "mopd": f"experts + {T} multi-teacher OPD steps from π_0",
-            "copd": f"{K * T} steps per branch ({K} branches), merged by averaging"}
+            "mopd": f"experts + {K * T} multi-teacher OPD steps from π_0 (as one CoPD branch)",
+            "copd": f"{K * T} steps per branch ({K} branches), merged by averaging",
+            "copd@equal": f"{T} steps per branch ({K} branches: {K * T} in all, as mixed RLVR), merged by averaging"}
 
 
 def results_table(results: dict, domains: list) -> str:
@@ -48,7 +49,7 @@ def compute(results: dict, rows: list) -> dict:
     for name in results:
         if name.startswith("_") or name == "base":
             continue
-        prefix = {"experts": "expert:", "rlvr": "expert:", "opd": "opd:", "copd": "copd:"}.get(name)
+        prefix = {"experts": "expert:", "rlvr": "expert:", "opd": "opd:", "copd": "copd:", "copd@equal": "copd@equal:"}.get(name)
         members = [m for m in per_model if prefix and m.startswith(prefix)] or [name]
         out[name] = {k: sum(per_model.get(m, {}).get(k, 0) for m in members)
                      for k in ("updates", "rollout_tokens", "teacher_tokens")}
@@ -159,7 +160,7 @@ def plot_curves(domains: list, curves: dict, divergence: dict, path: str):
 #
 #     python report.py runs/all-s0 runs/all-s1 runs/all-s2 --plot docs/reproduction.png
 
-SUMMARY_ROWS = ("base", "experts", "expert:{d}", "mixed", "opd", "mopd", "copd", "copd:{d}")
+SUMMARY_ROWS = ("base", "experts", "expert:{d}", "mixed", "opd", "mopd", "copd", "copd:{d}", "copd@equal")
 
 
 def load_runs(folders: list) -> list:
@@ -230,7 +231,8 @@ def claim_differences(runs: list) -> dict:
     domains = [k for k in runs[0][0]["base"] if k != "average"]
     claims = {"CoPD > mixed RLVR": ("copd", "mixed", "average"),
               "CoPD > MOPD": ("copd", "mopd", "average"),
-              "CoPD > static OPD": ("copd", "opd", "average")}
+              "CoPD > static OPD": ("copd", "opd", "average"),
+              "CoPD at mixed RLVR's updates > mixed RLVR": ("copd@equal", "mixed", "average")}
     claims.update({f"CoPD ≥ the {d} expert on {d}": ("copd", f"expert:{d}", d) for d in domains})
     out = {}
     for claim, (a, b, col) in claims.items():

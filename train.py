@@ -20,9 +20,16 @@ Where this implementation departs from the paper, on purpose:
   (the paper: 256 x 8); OPD samples 4 responses per prompt; T = 300 steps per expert.
 - Loss aggregation: token-mean over the whole batch (the paper averages per sequence, then per
   group: `--loss-agg seq`); token-mean avoids the length bias, as TRL and verl default to.
-- Unstated in the paper, so chosen here: β = 1 in Â_t = β·δ_t; the static-OPD student is the
-  finished expert and the MOPD student π_0, each trained T steps; the CoPD schedule splits K·T
-  steps into N cycles at S_RL : S_OPD = 1.5 : 1 (printed at start).
+- Unstated in the paper, so chosen here: β = 1 in Â_t = β·δ_t (`--opd-beta`; opd.OPDConfig
+  says why); the static-OPD student is the finished expert, trained T steps; the MOPD student
+  is π_0, trained K·T steps, as many as one CoPD branch; the CoPD schedule splits K·T steps into
+  N cycles at S_RL : S_OPD = 1.5 : 1 (printed at start). `copd@equal` is CoPD at mixed RLVR's
+  budget: T updates per branch, K·T in all.
+- Each loop's η starts at the peak, the static-OPD student's too, although its expert ended at
+  0.1·η: distillation is a new objective, and at 0.1·η the static student would take a tenth
+  of the step that MOPD's and CoPD's students take, which would confound the comparison.
+- The top-k reverse KL (`--opd-loss topk`) renormalises both distributions over the student's
+  top k, as TRL does (a true KL, never negative).
 """
 
 import os
@@ -127,38 +134,39 @@ def log_divergence(run: Run, method: str, step: int, student, teacher, pair: str
 # -----------------------------------------------------------------------------
 # CoPD (the paper's Algorithm 1)
 
-def train_copd(run: Run, layout=None):
+def train_copd(run: Run, layout=None, name: str = "copd", updates: int | None = None):
     """K branches from π_0; N cycles of Phase I (GRPO on each branch's own domain) and Phase II
-    (GRPO + OPD from the neighbouring branches, in one update); K·T updates per branch.
+    (GRPO + OPD from the neighbouring branches, in one update); `updates` per branch: K·T, the
+    paper's, or T for "copd@equal" (the K branches together take mixed RLVR's K·T).
     All branches in this process, or under torchrun (`layout`) this rank's branch: the loop is
     the same, the team (copd.Branches or parallel.RankBranches) does the rest."""
     K, T = len(run.domains), run.p.steps
-    rl_steps, opd_steps = budget_schedule(K * T, run.p.cycles)
+    rl_steps, opd_steps = budget_schedule(updates or K * T, run.p.cycles)
     cfg = CoPDConfig(cycles=run.p.cycles, rl_steps=rl_steps, opd_steps=opd_steps, topology=run.args.topology)
     if run.writer:
         print(describe(cfg, run.domains))
     links = neighbours(run.domains, cfg.topology, cfg.hub)
-    team = (parallel.RankBranches(layout, run.model0, links, run.optimizer) if layout
-            else Branches(run.model0, run.domains, links, run.optimizer))
+    team = (parallel.RankBranches(layout, run.model0, links, run.optimizer, name) if layout
+            else Branches(run.model0, run.domains, links, run.optimizer, name))
     models, optimizers = team.named()
     steps = schedule(cfg)
-    start = run.begin_loop("copd", models, optimizers)
+    start = run.begin_loop(name, models, optimizers)
     if start == 0:
         run.evaluate(models, 0, team=team)
-    for i, (cycle, phase, in_phase) in enumerate(run.progress(steps, desc="CoPD"), 1):
+    for i, (cycle, phase, in_phase) in enumerate(run.progress(steps, desc=name), 1):
         if i <= start:
             continue
         lr = run.set_lr(optimizers.values(), i, len(steps))
-        stats = team.step(run.proc, run.train, phase, run.p.rl, run.p.opd, step_seed=f"{run.args.seed}:copd:{i}")
+        stats = team.step(run.proc, run.train, phase, run.p.rl, run.p.opd, step_seed=f"{run.args.seed}:{name}:{i}")
         for d, s in stats.items():
-            run.log(kind="train", model=f"copd:{d}", step=i, cycle=cycle, phase=phase, lr=lr, **s)
-            run.check_finite(f"copd:{d}", i, s)
+            run.log(kind="train", model=f"{name}:{d}", step=i, cycle=cycle, phase=phase, lr=lr, **s)
+            run.check_finite(f"{name}:{d}", i, s)
         if i % run.p.divergence_every == 0 or i == len(steps):
             for pair, student, teacher, domain in team.probes(run.model0):
-                log_divergence(run, "copd", i, student, teacher, pair, domain)
+                log_divergence(run, name, i, student, teacher, pair, domain)
         if i % run.p.eval_every == 0:
             run.evaluate(models, i, team=team)
-        run.end_of_step("copd", i, models, optimizers, where=f"CoPD cycle {cycle} {phase} step {in_phase + 1} (update {i})")
+        run.end_of_step(name, i, models, optimizers, where=f"{name} cycle {cycle} {phase} step {in_phase + 1} (update {i})")
     return team
 
 
@@ -194,16 +202,18 @@ def run_methods(run: Run, layout=None):
         run.results["opd"] = {d: round(sum(r[d] for r in rows) / len(rows), 4) for d in run.domains}
         run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / K, 4)
     if "mopd" in wanted and run.todo("mopd"):
-        student = train_distill(run, "mopd", clone_policy(run.model0), experts, run.domains, T)
-        run.record("mopd", run.evaluate({"mopd": student}, T, final=True)["mopd"], T)
+        # as many updates as one CoPD branch (K·T): the student has K domains to learn, as a branch does
+        student = train_distill(run, "mopd", clone_policy(run.model0), experts, run.domains, K * T)
+        run.record("mopd", run.evaluate({"mopd": student}, K * T, final=True)["mopd"], K * T)
         run.done("mopd")
-    if "copd" in wanted and run.todo("copd"):
-        team = train_copd(run, layout)
-        merged = team.merge()
-        for name, accs in run.evaluate(team.named()[0], K * T, final=True, team=team).items():
-            run.record(name, accs, K * T)
-        run.record("copd", run.evaluate({"copd": merged}, K * T, final=True, team=team)["copd"], K * T)
-        run.done("copd")
+    for method, updates in (("copd", K * T), ("copd@equal", T)):
+        if method in wanted and run.todo(method):
+            team = train_copd(run, layout, method, updates)
+            merged = team.merge()
+            for name, accs in run.evaluate(team.named()[0], updates, final=True, team=team).items():
+                run.record(name, accs, updates)
+            run.record(method, run.evaluate({method: merged}, updates, final=True, team=team)[method], updates)
+            run.done(method)
 
 
 def main(argv=None):

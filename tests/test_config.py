@@ -15,8 +15,12 @@ def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
 
 def test_flags_override_the_preset(tmp_path):
     p = validate(parse_args(["--out", str(tmp_path / "x"), "--preset", "smoke", "--max-new-tokens", "7",
-                             "--micro-batch", "3", "--opd-loss", "topk", "--loss-agg", "seq", "--lr", "1e-5"]))
-    assert (p.rl.sampling.max_new_tokens, p.rl.micro_batch, p.opd.loss, p.rl.loss_agg, p.lr) == (7, 3, "topk", "seq", 1e-5)
+                             "--micro-batch", "3", "--opd-loss", "topk", "--loss-agg", "seq", "--lr", "1e-5",
+                             "--opd-beta", "0.5"]))
+    assert (p.rl.sampling.max_new_tokens, p.rl.micro_batch, p.opd.loss, p.rl.loss_agg, p.lr, p.opd.beta) == \
+        (7, 3, "topk", "seq", 1e-5, 0.5)
+    with pytest.raises(UsageError, match="--opd-beta must be a number ≥ 0, got -1.0"):
+        validate(parse_args(["--out", str(tmp_path / "x"), "--opd-beta", "-1"]))
 
 
 def test_validate_writes_and_deletes_nothing(tmp_path):
@@ -34,4 +38,4 @@ def test_validate_writes_and_deletes_nothing(tmp_path):
 
 def test_every_method_runs_its_stages():
     assert stages("copd") == ("base", "copd") and stages("rlvr") == ("base", "experts")
-    assert STAGES["all"] == ("base", "experts", "mixed", "opd", "mopd", "copd")
+    assert STAGES["all"] == ("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal")

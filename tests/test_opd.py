@@ -87,6 +87,19 @@ def test_topk_overlap_and_symmetric_kl():
     assert torch.allclose(reverse_kl_topk(p, q, 50), reverse_kl_full(p, q), atol=1e-5)
 
 
+def test_topk_reverse_kl_renormalises_over_the_students_top_k():
+    torch.manual_seed(0)
+    p = torch.randn(3, 5, 50).log_softmax(-1)
+    q = torch.randn(3, 5, 50).log_softmax(-1)
+    top = p.topk(10, dim=-1).indices
+    ps, qs = p.gather(-1, top).softmax(-1), q.gather(-1, top).softmax(-1)   # renormalised by hand
+    by_hand = (ps * (ps.log() - qs.log())).sum(-1)
+    assert torch.allclose(reverse_kl_topk(p, q, 10), by_hand, atol=1e-5)
+    assert (reverse_kl_topk(p, q, 10) >= -1e-6).all()
+    same_ranking = p + torch.randn(3, 5, 1)          # the teacher's V_k mass differs, its shape does not
+    assert torch.allclose(reverse_kl_topk(p, same_ranking, 10), torch.zeros(3, 5), atol=1e-5)
+
+
 def test_each_prompt_is_graded_by_its_own_domains_teacher(tiny):
     model, proc = tiny
     teachers = {"text": other_model(proc, 1), "image": other_model(proc, 2)}

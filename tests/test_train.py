@@ -20,15 +20,16 @@ def test_method_all_smoke_writes_every_method(tmp_path):
     out = tmp_path / "all"
     assert train.main(["--experts", "text,image", "--method", "all", "--preset", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    for method in ("base", "experts", "mixed", "opd", "mopd", "copd"):
+    for method in ("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal"):
         assert set(results[method]) == {"text", "image", "average"}, method
         assert all(0.0 <= v <= 1.0 for v in results[method].values())
     assert {"copd:text", "copd:image", "expert:text", "opd:text->image", "opd:image->text"} <= set(results)
     assert set(results["_divergence_cost"]) == {"text", "image"}
     K, T = 2, presets()["smoke"].steps
     updates = {m: c["updates"] for m, c in results["_compute"].items()}
-    assert updates["experts"] == K * T and updates["mixed"] == K * T and updates["mopd"] == T
+    assert updates["experts"] == K * T and updates["mixed"] == K * T and updates["mopd"] == K * T
     assert updates["copd:text"] == K * T and updates["copd"] == K * K * T     # each branch takes K·T
+    assert updates["copd@equal:text"] == T and updates["copd@equal"] == K * T  # all branches: mixed's K·T
     taught = {m: c["teacher_tokens"] for m, c in results["_compute"].items()}
     assert taught["mixed"] == taught["experts"] == 0 and min(taught["opd"], taught["mopd"], taught["copd"]) > 0
     assert all(c["rollout_tokens"] >= c["teacher_tokens"] for c in results["_compute"].values())
