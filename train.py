@@ -141,8 +141,10 @@ def train_copd(run: Run, layout=None, name: str = "copd", updates: int | None = 
     All branches in this process, or under torchrun (`layout`) this rank's branch: the loop is
     the same, the team (copd.Branches or parallel.RankBranches) does the rest."""
     K, T = len(run.domains), run.p.steps
-    rl_steps, opd_steps = budget_schedule(updates or K * T, run.p.cycles)
-    cfg = CoPDConfig(cycles=run.p.cycles, rl_steps=rl_steps, opd_steps=opd_steps, topology=run.args.topology)
+    updates = updates or K * T
+    cycles = max(1, min(run.p.cycles, updates // 2))   # a cycle holds at least one step of each phase
+    rl_steps, opd_steps = budget_schedule(updates, cycles)
+    cfg = CoPDConfig(cycles=cycles, rl_steps=rl_steps, opd_steps=opd_steps, topology=run.args.topology)
     if run.writer:
         print(describe(cfg, run.domains))
     links = neighbours(run.domains, cfg.topology, cfg.hub)

@@ -1,0 +1,120 @@
+"""
+The whole reproduction in one command: every method (`--method all`) on every seed of every
+setting, then the report of each setting (the table over seeds, the paper's claims with paired
+intervals, each method's compute, the plot).
+
+    python reproduce.py                                   # text,image and text,image,video; seeds 0-4
+    python reproduce.py --settings text,image --seeds 0,1,2 --lanes 2
+
+Runs go to RUNS/<experts>-s<seed> (default runs/reproduction), the reports to DOCS (default
+docs/): reproduction-<experts>.md and .png. Interrupt it and run the same command again: a
+finished run is kept, an interrupted one resumes from its newest checkpoint, and one killed
+before its first checkpoint starts over. `--lanes N` runs N runs at a time, each with one
+thread (on 2 cores two one-thread processes beat one two-thread process; more threads than
+cores slow every run tenfold).
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from checkpoint import list_checkpoints
+from report import claims_table, compute_table, load_runs, plot_reproduction, summary_table
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def command(experts: str, seed: int, out: str, preset: str, extra: list) -> list:
+    """train.py's command line for one run: fresh, resumed or started over."""
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--experts", experts, "--method", "all",
+           "--preset", preset, "--seed", str(seed), "--out", out, *extra]
+    if list_checkpoints(out):
+        return cmd + ["--resume"]
+    if os.path.isdir(out) and os.listdir(out):   # killed before its first checkpoint
+        return cmd + ["--overwrite"]
+    return cmd
+
+
+def run_one(experts: str, seed: int, out: str, preset: str, extra: list) -> tuple:
+    """One run as a one-thread process, its output in OUT.log; (out, seconds, exit code)."""
+    if os.path.isfile(os.path.join(out, "results.json")):
+        return out, 0.0, 0
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    started = time.time()
+    with open(out + ".log", "a") as log:
+        code = subprocess.run(command(experts, seed, out, preset, extra), stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=HERE).returncode
+    return out, time.time() - started, code
+
+
+def write_report(folders: list, path: str, title: str):
+    """The setting's report, written whole: markdown and plot."""
+    runs = load_runs(folders)
+    results = runs[0][0]
+    problems = min(results["_eval_problems"].values())
+    md = [f"# Reproduction: {title}", "",
+          f"Runs: {', '.join(os.path.basename(f) for f in folders)}. Held-out greedy accuracy (%), "
+          f"{problems:,} distinct problems per domain, mean ± half the range over seeds:", "", summary_table(runs), "",
+          "The paper's claims: the difference (points) of each seed's pair of models, its mean, and a 95% "
+          "t-interval over seeds (the seed redraws π_0, the rollouts and the eval luck at once):", "",
+          claims_table(runs), "", "Compute of each method (the first seed's run; every seed takes the same "
+          "updates, and tokens within a few percent):", "", compute_table(results), "",
+          f"![accuracy and overlap]({os.path.basename(path)}.png)", ""]
+    plot_reproduction(runs, path + ".png")
+    tmp = path + ".md.tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(md))
+    os.replace(tmp, path + ".md")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    ap.add_argument("--settings", default="text,image;text,image,video",
+                    help="';'-separated --experts lists (default 'text,image;text,image,video')")
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0-4)")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--lanes", type=int, default=2, help="runs at a time, one thread each (default 2)")
+    ap.add_argument("--runs", default="runs/reproduction", help="where the runs go")
+    ap.add_argument("--docs", default="docs", help="where the reports go")
+    ap.add_argument("--steps", type=int, default=None, help="T, passed to train.py (default: the preset's)")
+    a = ap.parse_args(argv)
+    settings = [s.strip() for s in a.settings.split(";") if s.strip()]
+    try:
+        seeds = [int(s) for s in a.seeds.split(",")]
+    except ValueError:
+        print(f"error: --seeds takes comma-separated integers, got '{a.seeds}'", file=sys.stderr)
+        return 2
+    if a.lanes < 1:
+        print(f"error: --lanes must be at least 1, got {a.lanes}", file=sys.stderr)
+        return 2
+    extra = ["--steps", str(a.steps)] if a.steps else []
+    # seed-major within a setting: two lanes build two seeds' π_0 at once, never one twice
+    jobs = [(experts, seed, os.path.join(a.runs, f"{experts.replace(',', '+')}-s{seed}"))
+            for experts in settings for seed in seeds]
+    started = time.time()
+    with ThreadPoolExecutor(a.lanes) as pool:
+        futures = [pool.submit(run_one, *job, a.preset, extra) for job in jobs]
+        for done, future in enumerate(as_completed(futures), 1):
+            out, took, code = future.result()
+            state = "kept" if took == 0 else f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {out}.log"
+            print(f"[{(time.time() - started) / 60:5.1f} min] {done}/{len(jobs)} {out}: {state}", flush=True)
+    failed = [out for _, _, out in jobs if not os.path.isfile(os.path.join(out, "results.json"))]
+    if failed:
+        print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}; run the same command again "
+              "to resume them", file=sys.stderr)
+        return 1
+    os.makedirs(a.docs, exist_ok=True)
+    for experts in settings:
+        folders = [out for e, _, out in jobs if e == experts]
+        path = os.path.join(a.docs, f"reproduction-{experts.replace(',', '+')}")
+        write_report(folders, path, f"--experts {experts} --method all --preset {a.preset}, seeds {a.seeds}")
+        print(f"wrote {path}.md and {path}.png")
+    print(f"reproduction done in {(time.time() - started) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

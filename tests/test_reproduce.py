@@ -1,0 +1,34 @@
+import os
+
+import reproduce
+
+
+def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, capsys):
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    argv = ["--settings", "text,image", "--seeds", "0,1", "--preset", "smoke", "--steps", "2", "--lanes", "2",
+            "--runs", str(runs), "--docs", str(docs)]
+    assert reproduce.main(argv) == 0
+    report = (docs / "reproduction-text+image.md").read_text()
+    assert "| claim |" in report and "CoPD > mixed RLVR" in report and "| optimizer updates |" in report
+    assert "| copd@equal |" in report and (docs / "reproduction-text+image.png").stat().st_size > 1000
+    finished = {p: os.path.getmtime(runs / p / "results.json") for p in ("text+image-s0", "text+image-s1")}
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0                      # again: nothing reruns
+    assert capsys.readouterr().out.count(": kept") == 2
+    assert finished == {p: os.path.getmtime(runs / p / "results.json") for p in finished}
+
+
+def test_an_interrupted_run_resumes_and_a_run_killed_before_its_checkpoint_starts_over(tmp_path):
+    out = tmp_path / "run"
+    fresh = reproduce.command("text,image", 0, str(out), "cpu", [])
+    assert "--resume" not in fresh and "--overwrite" not in fresh
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert reproduce.command("text,image", 0, str(out), "cpu", [])[-1] == "--overwrite"
+    (out / "ckpt-00050.pt").write_bytes(b"x")
+    assert reproduce.command("text,image", 0, str(out), "cpu", [])[-1] == "--resume"
+
+
+def test_bad_seeds_are_one_line(capsys):
+    assert reproduce.main(["--seeds", "0,x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --seeds takes comma-separated integers, got '0,x'"
