@@ -88,13 +88,13 @@ def bench_sampler(name, device, dtype, batch, prompt_len, new_tokens, bandwidth,
 
 def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd=None, repeats: int = 5):
     """Wall time of the pieces of one CoPD Phase II step for one branch: by default the tiny
-    policy with the cpu preset's batches (16x8 GRPO + 16x4 OPD rollouts). Each piece's fastest
+    policy with the cpu preset's batches (16x8 GRPO + 8x8 OPD rollouts). Each piece's fastest
     of `repeats` passes; `step_to_rollout` is the whole step over its two rollouts."""
     from opd import OPDConfig, opd_batch
     from rlvr import RLConfig, grpo_batch, loss_weights, backward_tokens
     from tasks import builtin_examples
     rl = rl or RLConfig(prompts_per_step=16, group_size=8, sampling=SamplingConfig(max_new_tokens=10))
-    opd = opd or OPDConfig(prompts_per_step=16, samples_per_prompt=4)
+    opd = opd or OPDConfig(prompts_per_step=8, samples_per_prompt=8)
     tok = build_tokenizer()
     student = build_tiny_policy(tok, tiny).to(device=device, dtype=dtype)
     teacher = copy.deepcopy(student)
@@ -290,7 +290,7 @@ def main():
               f"HF generate {row['hf_generate_tok_s']:>9.0f} tok/s, x{row['speedup_vs_hf_generate']:.2f}, "
               f"floor {row['bandwidth_floor_tok_s']:.0f} tok/s ({100 * row['fraction_of_floor']:.1f}% of it)")
     breakdown = bench_copd_step(args.device, dtype)
-    print("\none CoPD Phase II step, one branch (tiny policy, 16x8 GRPO + 16x4 OPD rollouts):")
+    print("\none CoPD Phase II step, one branch (tiny policy, 16x8 GRPO + 8x8 OPD rollouts):")
     for r in breakdown["phases"]:
         print(f"  {r['phase']:<32} {r['seconds']:.3f} s  {100 * r['share']:.0f}%")
     print(f"  {'the step':<32} {breakdown['step_s']:.3f} s  = {breakdown['step_to_rollout']:.2f} x its rollouts")

@@ -17,7 +17,7 @@ Where this implementation departs from the paper, on purpose:
   answers keep flipping; `--lr 1e-6 --lr-schedule constant` is the paper's setting.
 - Scale: a 0.5M-parameter Qwen2.5-VL built from a config and warm-started on built-in tasks
   (the paper: Qwen3-VL-4B-Instruct on public benchmarks); 16 prompts x G = 8 per step on CPU
-  (the paper: 256 x 8); OPD samples 4 responses per prompt; T = 300 steps per expert.
+  (the paper: 256 x 8); OPD 8 prompts x 8 samples; T = 300 steps per expert.
 - Loss aggregation: token-mean over the whole batch (the paper averages per sequence, then per
   group: `--loss-agg seq`); token-mean avoids the length bias, as TRL and verl default to.
 - Unstated in the paper, so chosen here: β = 1 in Â_t = β·δ_t (`--opd-beta`; opd.OPDConfig
