@@ -361,8 +361,11 @@ def test_ctrl_c_is_one_line_with_the_resume_command(tmp_path):
     out = tmp_path / "c"
     args = ["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--steps", "400", "--ckpt-every", "1",
             "--out", str(out), "--overwrite"]
+    # Ctrl-C as a terminal sends it: a shell's background job (CI in `cmd &`) ignores SIGINT, and
+    # a child Python inherits that and never raises KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, text=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list((out if out.exists() else tmp_path).glob("ckpt-*.pt")):
         time.sleep(0.05)
