@@ -1,7 +1,7 @@
 """
 The whole reproduction in one command: every method (`--method all`) on every seed of every
-setting, then the report of each setting (the table over seeds, the paper's claims with paired
-intervals, each method's compute, the plot).
+setting, and each setting's report as soon as its runs are done (the table over seeds, the
+paper's claims with paired intervals, each method's compute, the plot).
 
     python reproduce.py                                   # text,image and text,image,video; seeds 0-4
     python reproduce.py --settings text,image --seeds 0,1,2 --lanes 2
@@ -94,24 +94,31 @@ def main(argv=None):
     # seed-major within a setting: two lanes build two seeds' π_0 at once, never one twice
     jobs = [(experts, seed, os.path.join(a.runs, f"{experts.replace(',', '+')}-s{seed}"))
             for experts in settings for seed in seeds]
+    finished = lambda out: os.path.isfile(os.path.join(out, "results.json"))
+
+    def report(experts: str):
+        """A setting's report, as soon as its last run finishes (the others may still be running)."""
+        os.makedirs(a.docs, exist_ok=True)
+        path = os.path.join(a.docs, f"reproduction-{experts.replace(',', '+')}")
+        write_report([out for e, _, out in jobs if e == experts], path,
+                     f"--experts {experts} --method all --preset {a.preset}, seeds {a.seeds}")
+        print(f"wrote {path}.md and {path}.png", flush=True)
+
     started = time.time()
     with ThreadPoolExecutor(a.lanes) as pool:
-        futures = [pool.submit(run_one, *job, a.preset, extra) for job in jobs]
+        futures = {pool.submit(run_one, *job, a.preset, extra): job[0] for job in jobs}
         for done, future in enumerate(as_completed(futures), 1):
             out, took, code = future.result()
             state = "kept" if took == 0 else f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {out}.log"
             print(f"[{(time.time() - started) / 60:5.1f} min] {done}/{len(jobs)} {out}: {state}", flush=True)
-    failed = [out for _, _, out in jobs if not os.path.isfile(os.path.join(out, "results.json"))]
+            experts = futures[future]
+            if code == 0 and all(finished(o) for e, _, o in jobs if e == experts):
+                report(experts)
+    failed = [out for _, _, out in jobs if not finished(out)]
     if failed:
         print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}; run the same command again "
               "to resume them", file=sys.stderr)
         return 1
-    os.makedirs(a.docs, exist_ok=True)
-    for experts in settings:
-        folders = [out for e, _, out in jobs if e == experts]
-        path = os.path.join(a.docs, f"reproduction-{experts.replace(',', '+')}")
-        write_report(folders, path, f"--experts {experts} --method all --preset {a.preset}, seeds {a.seeds}")
-        print(f"wrote {path}.md and {path}.png")
     print(f"reproduction done in {(time.time() - started) / 60:.1f} min")
     return 0
 
