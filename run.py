@@ -86,11 +86,11 @@ class Run:
         self.skipped_in_a_row = {}
         self.completed, self.models = [], {}     # finished stages; finished models later stages need
         self.resume, self.lines = None, 0
+        self.t0 = self.stage_t0 = time.time()
         metrics = os.path.join(args.out, "metrics.jsonl")
         if args.resume:
             self._load_checkpoint(metrics)
         self.log_file = open(metrics if writer else os.devnull, "a" if self.resume else "w")
-        self.t0 = self.stage_t0 = time.time()
 
     # -- prompts
 
@@ -214,7 +214,7 @@ class Run:
             "loop_optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "rng": rng_state(self.rng), "results": self.results, "curves": self.curves,
             "divergence": self.divergence, "skipped": self.skipped_in_a_row, "metrics_lines": self.lines,
-            "settings": self.settings})
+            "settings": self.settings, "stage_seconds": time.time() - self.stage_t0})
 
     def _load_checkpoint(self, metrics: str):
         path, snap, unreadable = load_latest(self.args.out)
@@ -234,6 +234,8 @@ class Run:
             self.models[name] = clone_policy(self.model0)
             self.models[name].load_state_dict(state)
         self.lines = snap["metrics_lines"]
+        # the interrupted stage's wall time goes on from its checkpoint (the time after it is redone)
+        self.stage_t0 = time.time() - snap.get("stage_seconds", 0.0)
         with open(metrics) as f:   # drop what was logged after the checkpoint
             kept = f.readlines()[:self.lines]
         with open(metrics, "w") as f:

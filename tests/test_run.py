@@ -51,3 +51,23 @@ def test_set_lr_reaches_every_optimizer():
     opts = [torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]) for _ in range(2)]
     assert run.set_lr(opts, 11, 11) == pytest.approx(1e-4)
     assert all(o.param_groups[0]["lr"] == pytest.approx(1e-4) for o in opts)
+
+
+def test_a_resumed_stage_keeps_counting_its_wall_time_from_the_checkpoint(tmp_path):
+    """results.json's _wall_s of a stage interrupted and resumed: the seconds before the
+    checkpoint count, not only those after the resume."""
+    import time
+    from checkpoint import save_checkpoint
+    from config import load_base, parse_args, settings, validate
+    out = tmp_path / "r"
+    args = parse_args(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)])
+    preset = validate(args)
+    model0, proc = load_base(args, preset)
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    save_checkpoint(str(out), {"loop": "expert:text", "step": 2, "where": "expert:text step 2", "completed": ["base"],
+                               "models": {}, "results": {}, "curves": {}, "divergence": {}, "skipped": {},
+                               "metrics_lines": 0, "settings": settings(args, preset), "stage_seconds": 100.0})
+    args.resume = True
+    run = Run(args, preset, model0, proc, True, settings(args, preset))
+    assert 100.0 <= time.time() - run.stage_t0 < 160.0
