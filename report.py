@@ -30,12 +30,19 @@ def results_table(results: dict, domains: list) -> str:
     return "\n".join(lines)
 
 
+def _members(name: str, models) -> list:
+    """The models a result row is made of: "experts" (or "rlvr") every expert:d, "opd" every
+    direction, "copd" / "copd@equal" their branches; any other row, itself."""
+    prefix = {"experts": "expert:", "rlvr": "expert:"}.get(name, name + ":")
+    return [m for m in models if m.startswith(prefix)] or [name]
+
+
 def compute(results: dict, rows: list) -> dict:
     """What each result row cost, from the metrics log: optimizer updates, rollout tokens the
     students sampled (GRPO and OPD rollouts) and teacher tokens scored (OPD); the same on every
-    rerun (wall time is apart, in `_wall_s`). A summary row sums its members ("experts": every expert:d, "opd": every
-    direction, "copd": its branches). Static OPD and MOPD start from finished experts: their
-    rows count the distillation alone; add the experts' row for the whole pipeline."""
+    rerun (wall time is apart, in `_wall_s`). A summary row sums its members (`_members`).
+    Static OPD and MOPD start from finished experts: their rows count the distillation alone;
+    add the experts' row for the whole pipeline."""
     per_model = {}
     for r in rows:
         if r.get("kind") != "train":
@@ -49,9 +56,7 @@ def compute(results: dict, rows: list) -> dict:
     for name in results:
         if name.startswith("_") or name == "base":
             continue
-        prefix = {"experts": "expert:", "rlvr": "expert:", "opd": "opd:", "copd": "copd:", "copd@equal": "copd@equal:"}.get(name)
-        members = [m for m in per_model if prefix and m.startswith(prefix)] or [name]
-        out[name] = {k: sum(per_model.get(m, {}).get(k, 0) for m in members)
+        out[name] = {k: sum(per_model.get(m, {}).get(k, 0) for m in _members(name, per_model))
                      for k in ("updates", "rollout_tokens", "teacher_tokens")}
     return out
 
@@ -59,10 +64,7 @@ def compute(results: dict, rows: list) -> dict:
 def wall_time(results: dict, name: str) -> float:
     """Seconds a result row took (its stage's time; a summary row: the sum of its members')."""
     wall = results.get("_wall_s", {})
-    if name in wall:
-        return wall[name]
-    prefix = {"experts": "expert:", "rlvr": "expert:", "opd": "opd:"}.get(name, name + ":")
-    return sum(v for m, v in wall.items() if m.startswith(prefix))
+    return wall[name] if name in wall else sum(wall.get(m, 0) for m in _members(name, wall))
 
 
 def compute_table(results: dict) -> str:
