@@ -18,11 +18,14 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from checkpoint import list_checkpoints
+from config import presets
 from report import claims_table, compute_table, load_runs, plot_reproduction, summary_table
+from warmstart import pi0_cached
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,16 +41,27 @@ def command(experts: str, seed: int, out: str, preset: str, extra: list) -> list
     return cmd
 
 
+def one_thread(cmd: list, log_path: str) -> tuple:
+    """A one-thread process, its output appended to LOG_PATH; (seconds, exit code)."""
+    started = time.time()
+    with open(log_path, "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=HERE).returncode
+    return time.time() - started, code
+
+
+def build_pi0(seed: int, preset: str, log_path: str) -> tuple:
+    """One seed's π_0 into the cache that train.py reads; (seconds, exit code)."""
+    return one_thread([sys.executable, os.path.join(HERE, "warmstart.py"), "--preset", preset, "--seed", str(seed)],
+                      log_path)
+
+
 def run_one(experts: str, seed: int, out: str, preset: str, extra: list) -> tuple:
     """One run as a one-thread process, its output in OUT.log; (out, seconds, exit code)."""
     if os.path.isfile(os.path.join(out, "results.json")):
         return out, 0.0, 0
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    started = time.time()
-    with open(out + ".log", "a") as log:
-        code = subprocess.run(command(experts, seed, out, preset, extra), stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=HERE).returncode
-    return out, time.time() - started, code
+    return (out, *one_thread(command(experts, seed, out, preset, extra), out + ".log"))
 
 
 def write_report(folders: list, path: str, title: str):
@@ -90,8 +104,10 @@ def main(argv=None):
     if a.lanes < 1:
         print(f"error: --lanes must be at least 1, got {a.lanes}", file=sys.stderr)
         return 2
+    if a.preset not in presets():
+        print(f"error: --preset must be one of {', '.join(presets())}, got '{a.preset}'", file=sys.stderr)
+        return 2
     extra = ["--steps", str(a.steps)] if a.steps else []
-    # seed-major within a setting: two lanes build two seeds' π_0 at once, never one twice
     jobs = [(experts, seed, os.path.join(a.runs, f"{experts.replace(',', '+')}-s{seed}"))
             for experts in settings for seed in seeds]
     finished = lambda out: os.path.isfile(os.path.join(out, "results.json"))
@@ -104,13 +120,37 @@ def main(argv=None):
                      f"--experts {experts} --method all --preset {a.preset}, seeds {a.seeds}")
         print(f"wrote {path}.md and {path}.png", flush=True)
 
+    preset = presets()[a.preset]
+    missing = [seed for seed in seeds if not pi0_cached(preset.tiny, preset.warm, seed)[1]
+               and any(not finished(out) for _, s, out in jobs if s == seed)]
+    built = {seed: threading.Event() for seed in missing}
     started = time.time()
+    stamp = lambda: f"[{(time.time() - started) / 60:5.1f} min]"
+
+    def pi0_job(seed: int):
+        try:
+            os.makedirs(a.runs, exist_ok=True)
+            log = os.path.join(a.runs, f"pi0-s{seed}.log")
+            took, code = build_pi0(seed, a.preset, log)
+            print(f"{stamp()} π_0 of seed {seed}: " + (f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {log}"),
+                  flush=True)
+        finally:
+            built[seed].set()   # a failed build fails its runs, in their own logs
+
+    def run_job(experts: str, seed: int, out: str):
+        if seed in built:
+            built[seed].wait()
+        return run_one(experts, seed, out, a.preset, extra)
+
+    # every π_0 is queued before every run; the pool takes jobs in order
     with ThreadPoolExecutor(a.lanes) as pool:
-        futures = {pool.submit(run_one, *job, a.preset, extra): job[0] for job in jobs}
+        for seed in missing:
+            pool.submit(pi0_job, seed)
+        futures = {pool.submit(run_job, *job): job[0] for job in jobs}
         for done, future in enumerate(as_completed(futures), 1):
             out, took, code = future.result()
             state = "kept" if took == 0 else f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {out}.log"
-            print(f"[{(time.time() - started) / 60:5.1f} min] {done}/{len(jobs)} {out}: {state}", flush=True)
+            print(f"{stamp()} {done}/{len(jobs)} {out}: {state}", flush=True)
             experts = futures[future]
             if code == 0 and all(finished(o) for e, _, o in jobs if e == experts):
                 report(experts)

@@ -43,21 +43,32 @@ def cache_dir():
     return os.environ.get("COPD_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
 
-def sft_loss(model, proc, examples):
-    """Cross-entropy of the target answer (and its EOS) given the prompt."""
-    prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
-    eos = proc.eos_ids[0]
-    targets = [proc.tokenizer(ex.target(), add_special_tokens=False)["input_ids"] + [eos] for ex in examples]
-    T = max(map(len, targets))
+def encode_example(proc, ex):
+    """(prompt, target ids): the prompt with its pixels, and the answer the warm start teaches
+    followed by EOS. Encoded once per train example, not once per step that samples it."""
+    target = proc.tokenizer(ex.target(), add_special_tokens=False)["input_ids"] + [proc.eos_ids[0]]
+    return encode_prompt(proc, ex.prompt, ex.image, ex.video), target
+
+
+def sft_loss(model, proc, batches):
+    """Cross-entropy of the target answers (and their EOS) given their prompts, over all target
+    tokens of `batches`, lists of (prompt, target ids). Each list runs as its own forward, one per
+    domain: in one padded batch text's 23-token prompts would be padded to video's 53, and a
+    third of the step would go to padding."""
     device = next(model.parameters()).device
-    response = torch.full((len(targets), T), proc.pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(targets), T, device=device)
-    for i, t in enumerate(targets):
-        response[i, :len(t)] = torch.tensor(t)
-        mask[i, :len(t)] = 1
-    logits = response_logits(model, proc, prompts, response)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
-    return (nll * mask.flatten()).sum() / mask.sum()
+    total, tokens = 0.0, 0
+    for rows in batches:
+        T = max(len(t) for _, t in rows)
+        response = torch.full((len(rows), T), proc.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), T, device=device)
+        for i, (_, t) in enumerate(rows):
+            response[i, :len(t)] = torch.tensor(t)
+            mask[i, :len(t)] = 1
+        logits = response_logits(model, proc, [p for p, _ in rows], response)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
+        total = total + (nll * mask.flatten()).sum()
+        tokens += int(mask.sum())
+    return total / tokens
 
 
 def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
@@ -66,15 +77,22 @@ def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
     return "pi0-" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def pi0_cached(tiny: TinyConfig, cfg: WarmStartConfig, seed: int):
+    """The path of this π_0 in the cache, and whether it is there (complete)."""
+    path = os.path.join(cache_dir(), pi0_name(tiny, cfg, seed))
+    return path, os.path.isfile(os.path.join(path, "config.json"))
+
+
 def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = False, device="cpu"):
     """π_0 (model, processor) on `device`: loaded from the cache, or trained (there) and cached."""
-    path = os.path.join(cache_dir(), pi0_name(tiny, cfg, seed))
-    if os.path.isfile(os.path.join(path, "config.json")):
+    path, cached = pi0_cached(tiny, cfg, seed)
+    if cached:
         return load_policy(path, device=device)
     tokenizer = build_tokenizer()
     model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)
-    data = {d: builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d]) for d in DOMAINS}
+    data = {d: [encode_example(proc, ex) for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
+            for d in DOMAINS}
     share = {d: max(1, cfg.batch_size * cfg.shares[d] // sum(cfg.shares.values())) for d in DOMAINS}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -84,8 +102,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     started = time.time()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for _ in bar:
-        batch = [ex for d in DOMAINS for ex in rng.sample(data[d], share[d])]
-        loss = sft_loss(model, proc, batch)
+        loss = sft_loss(model, proc, [rng.sample(data[d], share[d]) for d in DOMAINS])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -104,3 +121,16 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     if not quiet:
         print(f"π_0: warm start, {cfg.steps} supervised steps, {time.time() - started:.0f} s; cached in {path}", flush=True)
     return load_policy(path, device=device)
+
+
+if __name__ == "__main__":
+    # π_0 built ahead of the runs that share it (reproduce.py does this in its own lane)
+    import argparse
+
+    from config import presets
+    ap = argparse.ArgumentParser(description="Build (or find) the cached π_0 of a preset and seed.")
+    ap.add_argument("--preset", default="cpu", choices=sorted(presets()))
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    p = presets()[a.preset]
+    warm_start(p.tiny, p.warm, a.seed)

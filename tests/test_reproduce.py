@@ -8,6 +8,10 @@ def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, c
     argv = ["--settings", "text,image", "--seeds", "0,1", "--preset", "smoke", "--steps", "2", "--lanes", "2",
             "--runs", str(runs), "--docs", str(docs)]
     assert reproduce.main(argv) == 0
+    # each seed's π_0 was built by a job of its own, before the runs that share it
+    for seed in (0, 1):
+        assert "π_0: warm start" in (runs / f"pi0-s{seed}.log").read_text()
+        assert "π_0: warm start" not in (runs / f"text+image-s{seed}.log").read_text()
     report = (docs / "reproduction-text+image.md").read_text()
     assert "| claim |" in report and "CoPD > mixed RLVR" in report and "| optimizer updates |" in report
     assert "| copd@equal |" in report and (docs / "reproduction-text+image.png").stat().st_size > 1000
@@ -32,3 +36,8 @@ def test_an_interrupted_run_resumes_and_a_run_killed_before_its_checkpoint_start
 def test_bad_seeds_are_one_line(capsys):
     assert reproduce.main(["--seeds", "0,x"]) == 2
     assert capsys.readouterr().err.strip() == "error: --seeds takes comma-separated integers, got '0,x'"
+
+
+def test_an_unknown_preset_is_one_line(capsys):
+    assert reproduce.main(["--preset", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --preset must be one of smoke, cpu, gpu, got 'tpu'"
