@@ -8,6 +8,7 @@ Each file is written whole or not at all. Also the summary of several seeds
 
 import json
 import os
+import statistics
 
 
 def budgets(K: int, T: int, model: str | None) -> dict:
@@ -67,10 +68,13 @@ def wall_time(results: dict, name: str) -> float:
     return wall[name] if name in wall else sum(wall.get(m, 0) for m in _members(name, wall))
 
 
-def compute_table(results: dict) -> str:
+def compute_table(runs: list) -> str:
+    """Each row's compute over the results of one or more runs of a setting: updates and tokens
+    from the first (every seed takes the same updates), wall time the median over the runs (one
+    run's time moves with whatever else shares the cores)."""
     lines = ["| model | optimizer updates | rollout tokens | teacher tokens | wall time |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {c['updates']:,} | {c['rollout_tokens']:,} | {c['teacher_tokens']:,} | "
-              f"{wall_time(results, m):.0f} s |" for m, c in results["_compute"].items()]
+              f"{statistics.median(wall_time(r, m) for r in runs):.0f} s |" for m, c in runs[0]["_compute"].items()]
     return "\n".join(lines)
 
 
@@ -103,7 +107,7 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
     md += ["", f"Learning rate: {learning_rate}."]
     if results.get("_compute"):
         md += ["", "Compute (static OPD and MOPD rows count the distillation alone; they start from the experts):",
-               "", compute_table(results)]
+               "", compute_table([results])]
     if "_divergence_cost" in results:
         md += ["", "Divergence cost (mixed − expert, points): " +
                ", ".join(f"{d} {100 * v:+.1f}" for d, v in results["_divergence_cost"].items())]

@@ -74,8 +74,9 @@ def write_report(folders: list, path: str, title: str):
           f"{problems:,} distinct problems per domain, mean ± half the range over seeds:", "", summary_table(runs), "",
           "The paper's claims: the difference (points) of each seed's pair of models, its mean, and a 95% "
           "t-interval over seeds (the seed redraws π_0, the rollouts and the eval luck at once):", "",
-          claims_table(runs), "", "Compute of each method (the first seed's run: every seed takes the same "
-          "updates; tokens and time vary with the responses' lengths):", "", compute_table(results), "",
+          claims_table(runs), "", "Compute of each method (updates and tokens: the first seed's run; every seed takes the same "
+          "updates, and tokens vary with the responses' lengths. Wall time: the median over seeds, "
+          "each run in a one-thread lane):", "", compute_table([r for r, _ in runs]), "",
           f"![accuracy and overlap]({os.path.basename(path)}.png)", ""]
     plot_reproduction(runs, path + ".png")
     tmp = path + ".md.tmp"

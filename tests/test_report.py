@@ -116,3 +116,12 @@ def test_claims_find_a_known_difference_in_fake_runs(tmp_path):
     assert verdicts == {"CoPD > mixed RLVR": "holds", "CoPD > MOPD": "fails", "CoPD > static OPD": "undecided",
                         "CoPD ≥ the text expert on text": "holds", "CoPD ≥ the image expert on image": "fails",
                         "overlap: CoPD branches > experts": "holds"}
+
+
+def test_compute_table_takes_the_first_runs_tokens_and_the_median_wall_time():
+    from report import compute_table
+    cost = {"updates": 600, "rollout_tokens": 1000, "teacher_tokens": 0}
+    runs = [{"_compute": {"mixed": cost, "copd": {**cost, "updates": 1200}},
+             "_wall_s": {"mixed": wall, "copd:text": 2 * wall, "copd:image": 2 * wall}} for wall in (100, 300, 90)]
+    rows = compute_table(runs).splitlines()[2:]
+    assert rows == ["| mixed | 600 | 1,000 | 0 | 100 s |", "| copd | 1,200 | 1,000 | 0 | 400 s |"]
