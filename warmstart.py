@@ -50,25 +50,19 @@ def encode_example(proc, ex):
     return encode_prompt(proc, ex.prompt, ex.image, ex.video), target
 
 
-def sft_loss(model, proc, batches):
+def sft_loss(model, proc, rows):
     """Cross-entropy of the target answers (and their EOS) given their prompts, over all target
-    tokens of `batches`, lists of (prompt, target ids). Each list runs as its own forward, one per
-    domain: in one padded batch text's 23-token prompts would be padded to video's 53, and a
-    third of the step would go to padding."""
+    tokens of `rows`, (prompt, target ids) pairs, in one padded forward."""
     device = next(model.parameters()).device
-    total, tokens = 0.0, 0
-    for rows in batches:
-        T = max(len(t) for _, t in rows)
-        response = torch.full((len(rows), T), proc.pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), T, device=device)
-        for i, (_, t) in enumerate(rows):
-            response[i, :len(t)] = torch.tensor(t)
-            mask[i, :len(t)] = 1
-        logits = response_logits(model, proc, [p for p, _ in rows], response)
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
-        total = total + (nll * mask.flatten()).sum()
-        tokens += int(mask.sum())
-    return total / tokens
+    T = max(len(t) for _, t in rows)
+    response = torch.full((len(rows), T), proc.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(rows), T, device=device)
+    for i, (_, t) in enumerate(rows):
+        response[i, :len(t)] = torch.tensor(t)
+        mask[i, :len(t)] = 1
+    logits = response_logits(model, proc, [p for p, _ in rows], response)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
+    return (nll * mask.flatten()).sum() / mask.sum()
 
 
 def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
@@ -102,7 +96,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     started = time.time()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for _ in bar:
-        loss = sft_loss(model, proc, [rng.sample(data[d], share[d]) for d in DOMAINS])
+        loss = sft_loss(model, proc, [row for d in DOMAINS for row in rng.sample(data[d], share[d])])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
