@@ -164,7 +164,7 @@ def plot_curves(domains: list, curves: dict, divergence: dict, path: str):
 # -----------------------------------------------------------------------------
 # several seeds of `--method all`: the table with mean and spread, and one plot
 #
-#     python report.py runs/all-s0 runs/all-s1 runs/all-s2 --plot docs/reproduction.png
+#     python report.py runs/all-s0 runs/all-s1 runs/all-s2 --plot summary.png
 
 SUMMARY_ROWS = ("base", "experts", "expert:{d}", "mixed", "opd", "mopd", "copd", "copd:{d}", "copd@equal")
 
