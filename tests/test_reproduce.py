@@ -3,7 +3,8 @@ import os
 import reproduce
 
 
-def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, capsys):
+def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path / "cache"))      # no π_0 built yet, whatever ran before
     runs, docs = tmp_path / "runs", tmp_path / "docs"
     argv = ["--settings", "text,image", "--seeds", "0,1", "--preset", "smoke", "--steps", "2", "--lanes", "2",
             "--runs", str(runs), "--docs", str(docs)]
