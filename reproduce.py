@@ -71,7 +71,7 @@ def write_report(folders: list, path: str, title: str):
     problems = min(results["_eval_problems"].values())
     md = [f"# Reproduction: {title}", "",
           f"Runs: {', '.join(os.path.basename(f) for f in folders)}. Held-out greedy accuracy (%), "
-          f"{problems:,} distinct problems per domain, mean ± half the range over seeds:", "", summary_table(runs), "",
+          f"{problems:,} distinct problems per domain, the mean over seeds ± the half-width of its 95% t-interval:", "", summary_table(runs), "",
           "The paper's claims: the difference (points) of each seed's pair of models, its mean, and a 95% "
           "t-interval over seeds (the seed redraws π_0, the rollouts and the eval luck at once):", "",
           claims_table(runs), "", "Compute of each method (updates and tokens: the first seed's run; every seed takes the same "

@@ -53,14 +53,15 @@ def fake_all_run(folder, seed_shift):
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
-def test_summary_over_seeds_gives_mean_and_half_range_and_a_plot(tmp_path):
+def test_summary_over_seeds_gives_mean_and_t_interval_and_a_plot(tmp_path):
     from report import load_runs, plot_reproduction, summary_table
     fake_all_run(tmp_path / "s0", 0.0)
     fake_all_run(tmp_path / "s1", 0.1)
     runs = load_runs([tmp_path / "s0", tmp_path / "s1"])
     table = summary_table(runs).splitlines()
     assert table[0] == "| model | text | image | average |"
-    assert "| copd | 50.0 ± 5.0 | 90.0 ± 0.0 | 70.0 ± 2.5 |" in table
+    # two seeds 10 points apart: s = 7.07, t(1) = 12.706, half-width 12.706 · 7.07 / √2 = 63.5
+    assert "| copd | 50.0 ± 63.5 | 90.0 ± 0.0 | 70.0 ± 31.8 |" in table
     assert [line.split(" |")[0] for line in table[2:]] == ["| base", "| experts", "| expert:text", "| mixed", "| copd"]
     plot_reproduction(runs, str(tmp_path / "r.png"))
     assert (tmp_path / "r.png").stat().st_size > 1000
