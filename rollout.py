@@ -12,6 +12,7 @@ The response mask covers every token up to and including the first EOS; it is bu
 positions, never from token ids (pad may equal EOS).
 """
 
+import copy
 import itertools
 import sys
 import weakref
@@ -71,19 +72,39 @@ def decode_step(model, token, attention_mask, positions, cache):
     return logits[:, -1], cache
 
 
+@dataclass
+class Prefill:
+    """The prompts' forward, which decoding starts from."""
+    batch: object                 # the left-padded PromptBatch
+    pos: torch.Tensor             # its positions: (B, L), or (3, B, L) for M-RoPE
+    cache: object                 # its KV cache
+    logits: torch.Tensor          # (B, V) for the first response token
+
+
 @torch.no_grad()
-def generate(model, proc, prompts: list, group_size: int = 1, cfg: SamplingConfig = SamplingConfig(),
-             greedy: bool = False) -> Rollout:
+def prefill(model, proc, prompts: list) -> Prefill:
+    """Left-pad the prompts, run them (their images and videos) once. `run.accuracy` shares one
+    prefill between greedy and sampled decoding: for pictures the prefill is most of the cost."""
     device = next(model.parameters()).device
-    if device.type == "cuda" and cfg.cuda_graph:
-        return generate_static(model, proc, prompts, group_size, cfg, greedy, capture=True)
     batch = collate(prompts, proc.pad_id).to(device)
     pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
-    cache = new_cache(model)
-    logits, cache = forward(model, batch.input_ids, batch.attention_mask, pos, cache=cache,
+    logits, cache = forward(model, batch.input_ids, batch.attention_mask, pos, cache=new_cache(model),
                             vision=batch.vision, logits_to_keep=1)
-    logits = logits[:, -1]
-    next_pos = pos.max(-1).values + 1                     # (B,) or (3, B) for M-RoPE
+    return Prefill(batch, pos, cache, logits[:, -1])
+
+
+@torch.no_grad()
+def generate(model, proc, prompts: list, group_size: int = 1, cfg: SamplingConfig = SamplingConfig(),
+             greedy: bool = False, prefilled: Prefill | None = None) -> Rollout:
+    """G responses for each prompt. `prefilled`: the prompts' `prefill`, left as it was (decoding
+    works on a copy of its cache), so another call can start from it too."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and cfg.cuda_graph:
+        return generate_static(model, proc, prompts, group_size, cfg, greedy, capture=True, prefilled=prefilled)
+    state = prefilled or prefill(model, proc, prompts)
+    cache = copy.deepcopy(state.cache) if prefilled else state.cache
+    batch, logits = state.batch, state.logits
+    next_pos = state.pos.max(-1).values + 1               # (B,) or (3, B) for M-RoPE
     G = group_size
     if G > 1:
         cache.batch_repeat_interleave(G)
@@ -152,17 +173,14 @@ def _static_step(model, proc, cfg, greedy, s):
 
 @torch.no_grad()
 def generate_static(model, proc, prompts: list, group_size: int = 1, cfg: SamplingConfig = SamplingConfig(),
-                    greedy: bool = False, capture: bool = True) -> Rollout:
+                    greedy: bool = False, capture: bool = True, prefilled: Prefill | None = None) -> Rollout:
     """Same contract as `generate`. Prefill runs eagerly (dynamic cache), its KV is repeated
     into a static cache, then `_static_step` runs max_new_tokens − 1 times, as a CUDA graph
     when `capture` (the CPU runs it eagerly: that is how the tests check it)."""
     from transformers import StaticCache
     device = next(model.parameters()).device
-    batch = collate(prompts, proc.pad_id).to(device)
-    pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
-    prefill = new_cache(model)
-    logits, prefill = forward(model, batch.input_ids, batch.attention_mask, pos, cache=prefill,
-                              vision=batch.vision, logits_to_keep=1)
+    state = prefilled or prefill(model, proc, prompts)
+    batch, pos, logits = state.batch, state.pos, state.logits[:, None]
     G, (B, Lp), T = group_size, batch.input_ids.shape, cfg.max_new_tokens
     N, L = B * G, -(-(Lp + T) // 64) * 64                             # length bucket: multiple of 64
     key = (id(model), N, L, cfg.temperature, cfg.top_p, greedy, device)
@@ -188,7 +206,7 @@ def generate_static(model, proc, prompts: list, group_size: int = 1, cfg: Sampli
 
     def reset():
         s["cache"].reset()
-        for layer, (k, v) in zip(s["cache"].layers, _layer_kv(prefill)):
+        for layer, (k, v) in zip(s["cache"].layers, _layer_kv(state.cache)):
             layer.update(k.repeat_interleave(G, 0), v.repeat_interleave(G, 0))
         s["mask"].zero_()
         s["mask"][:, :Lp] = batch.attention_mask.repeat_interleave(G, 0)

@@ -22,7 +22,7 @@ from copd import branch_seed
 from memory import clone_policy
 from policy import encode_prompt
 from rlvr import score
-from rollout import SamplingConfig, generate
+from rollout import SamplingConfig, generate, prefill
 from tasks import load_domain
 
 MAX_SKIPPED_IN_A_ROW = 5
@@ -54,15 +54,18 @@ def learning_rate(peak: float, step: int, total: int, schedule: str = "cosine", 
 # evaluation
 
 @torch.no_grad()
-def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256) -> dict:
-    """Held-out accuracy: greedy, and the mean over `samples` sampled responses."""
+def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256,
+             prompts: list | None = None) -> dict:
+    """Held-out accuracy: greedy, and the mean over `samples` sampled responses, both decoded
+    from one prefill. `prompts`: the examples already encoded (`Run` encodes its held-out sets once)."""
+    prompts = prompts or [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
     greedy, sampled = [], []
     for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in chunk]
-        greedy.append(score(generate(model, proc, prompts, 1, sampling, greedy=True).texts, chunk, 1)[1])
+        chunk, encoded = examples[i:i + batch], prompts[i:i + batch]
+        state = prefill(model, proc, encoded) if samples else None
+        greedy.append(score(generate(model, proc, encoded, 1, sampling, greedy=True, prefilled=state).texts, chunk, 1)[1])
         if samples:
-            sampled.append(score(generate(model, proc, prompts, samples, sampling).texts, chunk, samples)[1])
+            sampled.append(score(generate(model, proc, encoded, samples, sampling, prefilled=state).texts, chunk, samples)[1])
     out = {"greedy": float(torch.cat(greedy).mean())}
     if samples:
         out["sampled"] = float(torch.cat(sampled).mean())
@@ -82,6 +85,8 @@ class Run:
                       for d in self.domains}
         self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
                         for d in self.domains}
+        self.heldout_prompts = {d: [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in exs]
+                                for d, exs in self.heldout.items()}   # encoded once, for every eval
         self.results, self.curves, self.divergence = {}, {}, {}
         self.skipped_in_a_row = {}
         self.completed, self.models = [], {}     # finished stages; finished models later stages need
@@ -150,7 +155,8 @@ class Run:
             # its own seed: the same samples whichever process evaluates
             torch.manual_seed(branch_seed(f"{self.args.seed}:eval:{step}:{final}", name))
             return {d: accuracy(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
-                                self.p.eval_samples if final else 0) for d in self.domains}
+                                self.p.eval_samples if final else 0, prompts=self.heldout_prompts[d][:size])
+                    for d in self.domains}
         results = team.measure(measure, models) if team else {n: measure(n, m) for n, m in models.items()}
         for name, accs in results.items():
             self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from policy import encode_prompt
-from rollout import SamplingConfig, generate, response_logits, response_mask, sampling_logprobs, token_logprobs
+from rollout import SamplingConfig, generate, prefill, response_logits, response_mask, sampling_logprobs, token_logprobs
 from tasks import builtin_examples
 
 
@@ -112,6 +112,26 @@ def test_static_cache_path_matches_teacher_forced_logprobs(tiny):
     n = min(greedy_static.response.shape[1], greedy_dynamic.response.shape[1])
     assert torch.equal(greedy_static.response[:, :n] * greedy_static.mask[:, :n].long(),
                        greedy_dynamic.response[:, :n] * greedy_dynamic.mask[:, :n].long())
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_one_prefill_serves_greedy_and_sampled_decoding_unchanged(tiny, path):
+    """Decoding from a shared prefill gives the very tokens and log-probs of generating from
+    scratch, and leaves the prefill as it was for the next call (run.accuracy relies on both)."""
+    from rollout import generate_static
+    model, proc = tiny
+    prompts = mixed_prompts(proc)
+    cfg = SamplingConfig(max_new_tokens=12)
+    decode = generate if path == "dynamic" else (lambda *a, **k: generate_static(*a, capture=False, **k))
+    state = prefill(model, proc, prompts)
+    keys_before = [layer.keys.clone() for layer in state.cache.layers]
+    for greedy, G in ((True, 1), (False, 3)):
+        torch.manual_seed(0)
+        shared = decode(model, proc, prompts, G, cfg, greedy=greedy, prefilled=state)
+        torch.manual_seed(0)
+        scratch = decode(model, proc, prompts, G, cfg, greedy=greedy)
+        assert torch.equal(shared.response, scratch.response) and torch.equal(shared.logprobs, scratch.logprobs)
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(state.cache.layers, keys_before))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
