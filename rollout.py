@@ -308,14 +308,15 @@ def response_logits(model, proc, prompts: list, response):
     return torch.cat([first, rest], dim=1)
 
 
-def full_response_logits(model, proc, prompts: list, response):
+def full_response_logits(model, proc, prompts: list, response, positions=None):
     """The same logits from one forward over prompt + response for every row (the reference
-    the shared-prefill path is tested against; the warm start's rows never share a prompt)."""
+    the shared-prefill path is tested against; the warm start's rows never share a prompt, and
+    it brings their `positions`, computed once per example)."""
     batch = collate(prompts, proc.pad_id).to(response.device)
     T = response.shape[1]
     ids = torch.cat([batch.input_ids, response], dim=1)
     mask = torch.cat([batch.attention_mask, torch.ones_like(response)], dim=1)
-    pos = position_ids(model, ids, mask, batch.vision)
+    pos = positions if positions is not None else position_ids(model, ids, mask, batch.vision)
     logits, _ = forward(model, ids, mask, pos, vision=batch.vision, logits_to_keep=T + 1)
     return logits[:, :-1]
 

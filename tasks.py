@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DOMAINS = ("text", "image", "video", "swap")
+DOMAINS = ("text", "image", "video", "swap", "rename")
 TASKS_VERSION = 3                      # bumped when a generator changes: cached π_0s are rebuilt
 HELD_OUT_FRACTION = 0.2
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 220, 40)}
@@ -148,7 +148,21 @@ def make_video(rng: random.Random, level: int):
     return key, Example("video", f"Which way did {names[asked]} move?", moves[asked][1], "exact", video=video)
 
 
-GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap}
+RENAMED = {"red": "green", "green": "red"}   # rename's names: red and green trade, blue and yellow keep theirs
+DUSK = 16                             # rename's background grey: a cue π_0 barely sees (it answers as in video)
+
+
+def make_rename(rng: random.Random, level: int):
+    """Two of video's movers at every level, on a dark grey background, where red and green trade
+    names (the square drawn red is called green): the same motion, half the names bound to
+    other squares."""
+    key, ex = make_video(rng, 2)
+    video = np.where(ex.video.any(-1, keepdims=True), ex.video, np.uint8(DUSK))
+    drawn = ex.prompt.split()[3]
+    return key, Example("rename", ex.prompt.replace(drawn, RENAMED.get(drawn, drawn)), ex.answer, "exact", video=video)
+
+
+GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap, "rename": make_rename}
 
 
 def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 4, levels=None) -> list:

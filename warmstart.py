@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from policy import TinyConfig, build_tiny_policy, build_tokenizer, encode_prompt, load_policy, make_processor, save_policy
-from rollout import response_logits
+from policy import (TinyConfig, build_tiny_policy, build_tokenizer, collate, encode_prompt, load_policy, make_processor,
+                    position_ids, save_policy)
+from rollout import full_response_logits
 from run import cosine
 from tasks import DOMAINS, TASKS_VERSION, builtin_examples
 
@@ -43,24 +44,32 @@ def cache_dir():
     return os.environ.get("COPD_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
 
 
-def encode_example(proc, ex):
-    """(prompt, target ids): the prompt with its pixels, and the answer the warm start teaches
-    followed by EOS. Encoded once per train example, not once per step that samples it."""
+def encode_example(model, proc, ex):
+    """(prompt, target ids, prompt positions): the prompt with its pixels, the answer the warm
+    start teaches followed by EOS, and the prompt's rope positions. Encoded once per train
+    example, not once per step that samples it (the rope index is a Python loop per row in
+    transformers)."""
     target = proc.tokenizer(ex.target(), add_special_tokens=False)["input_ids"] + [proc.eos_ids[0]]
-    return encode_prompt(proc, ex.prompt, ex.image, ex.video), target
+    prompt = encode_prompt(proc, ex.prompt, ex.image, ex.video)
+    batch = collate([prompt], proc.pad_id)
+    return prompt, target, position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)[..., 0, :]
 
 
 def sft_loss(model, proc, rows):
     """Cross-entropy of the target answers (and their EOS) given their prompts, over all target
-    tokens of `rows`, (prompt, target ids) pairs, in one padded forward."""
+    tokens of `rows` (`encode_example`'s triples), in one padded forward: prompts left-padded,
+    targets right-padded, each response position one past the last (as in the sampler)."""
     device = next(model.parameters()).device
-    T = max(len(t) for _, t in rows)
+    T, Lp = max(len(t) for _, t, _ in rows), max(len(p.ids) for p, _, _ in rows)
     response = torch.full((len(rows), T), proc.pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(rows), T, device=device)
-    for i, (_, t) in enumerate(rows):
+    positions = torch.zeros(rows[0][2].shape[:-1] + (len(rows), Lp + T), dtype=torch.long)
+    for i, (p, t, pos) in enumerate(rows):
         response[i, :len(t)] = torch.tensor(t)
         mask[i, :len(t)] = 1
-    logits = response_logits(model, proc, [p for p, _ in rows], response)
+        positions[..., i, Lp - len(p.ids):Lp] = pos
+        positions[..., i, Lp:] = pos.max(-1, keepdim=True).values + 1 + torch.arange(T)
+    logits = full_response_logits(model, proc, [p for p, _, _ in rows], response, positions.to(device))
     nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
     return (nll * mask.flatten()).sum() / mask.sum()
 
@@ -85,9 +94,10 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     tokenizer = build_tokenizer()
     model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)
-    data = {d: [encode_example(proc, ex) for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
-            for d in DOMAINS}
-    share = {d: max(1, cfg.batch_size * cfg.shares[d] // sum(cfg.shares.values())) for d in DOMAINS}
+    taught = [d for d in DOMAINS if d in cfg.shares]   # rename is not: RL must learn it against video
+    data = {d: [encode_example(model, proc, ex) for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
+            for d in taught}
+    share = {d: max(1, cfg.batch_size * cfg.shares[d] // sum(cfg.shares.values())) for d in taught}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # linear warm-up, then cosine down to 10%: π_0 ends settled, not mid-oscillation
@@ -96,7 +106,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     started = time.time()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for _ in bar:
-        loss = sft_loss(model, proc, [row for d in DOMAINS for row in rng.sample(data[d], share[d])])
+        loss = sft_loss(model, proc, [row for d in taught for row in rng.sample(data[d], share[d])])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -7,7 +7,7 @@ from tasks import DataError, builtin_examples, load_domain, load_jsonl, split_of
 from verifiers import is_correct
 
 
-@pytest.mark.parametrize("domain", ["text", "image", "video", "swap"])
+@pytest.mark.parametrize("domain", ["text", "image", "video", "swap", "rename"])
 def test_splits_are_disjoint_and_seeded(domain):
     train = builtin_examples(domain, "train", 300, seed=0)
     held = builtin_examples(domain, "heldout", 100, seed=0)
@@ -59,7 +59,8 @@ def test_video_levels_count_the_movers_and_each_moves_its_own_way():
             assert len(ways) == level
 
 
-@pytest.mark.parametrize("domain, at_least", [("text", 2000), ("swap", 2000), ("image", 2000), ("video", 2000)])
+@pytest.mark.parametrize("domain, at_least", [("text", 2000), ("swap", 2000), ("image", 2000), ("video", 2000),
+                                                    ("rename", 2000)])
 def test_every_domain_holds_out_thousands_of_distinct_problems(domain, at_least):
     """The final eval draws 1,000 distinct held-out problems: a standard error of ≤ 1.6 points."""
     import random
@@ -78,6 +79,33 @@ def test_text_and_swap_share_their_splits():
     text = {e.prompt[len("Compute "):-1] for e in builtin_examples("text", "heldout", 300, 0)}
     swap_train = {e.prompt[len("Swap + and -, then compute "):-1] for e in builtin_examples("swap", "train", 3000, 0)}
     assert text and not text & swap_train
+
+
+def test_rename_is_video_with_red_and_green_trading_names_on_a_grey_background():
+    """Two movers; the question names the asked square by its new name; the answer is that
+    square's move, as in video; the background (the one cue) is DUSK grey, never black."""
+    from tasks import COLORS, DUSK, RENAMED
+    asked_renamed = 0
+    for ex in builtin_examples("rename", "train", 200, 0):
+        frames = ex.video.reshape(4, -1, 3)
+        assert not (frames == 0).all(-1).any() and (frames == DUSK).all(-1).any()
+        name = ex.prompt.split()[3]
+        drawn = COLORS[{v: k for k, v in RENAMED.items()}.get(name, name)]
+        moved = [rgb for rgb in COLORS.values() if (ex.video[0] == rgb).all(-1).any()]
+        assert len(moved) == 2 and drawn in moved
+        at = lambda f: np.argwhere((f == drawn).all(-1)).mean(0)
+        way = tuple(np.sign(np.round(at(ex.video[1]) - at(ex.video[0]))).astype(int))
+        assert {(0, -1): "left", (0, 1): "right", (-1, 0): "up", (1, 0): "down"}[way] == ex.answer
+        asked_renamed += name in RENAMED
+    assert 60 < asked_renamed < 140          # about half the questions use a traded name
+
+
+def test_video_and_rename_share_their_splits():
+    """The same clip (and asked square) is held out in both domains."""
+    from tasks import make_rename, make_video
+    import random
+    for i in range(200):
+        assert make_video(random.Random(i), 2)[0] == make_rename(random.Random(i), 3)[0]
 
 
 def test_difficulty_changes_the_problems():
