@@ -16,7 +16,7 @@ import torch
 
 from policy import encode_prompt
 from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
-from verifiers import extract_answer, is_correct, reward
+from verifiers import grade
 
 
 @dataclass
@@ -137,8 +137,9 @@ def score(texts: list, examples: list, group_size: int):
     rewards, correct = [], []
     for i, text in enumerate(texts):
         ex = examples[i // group_size]
-        rewards.append(reward(text, ex.answer, ex.verifier))
-        correct.append(is_correct(extract_answer(text), ex.answer, ex.verifier))
+        r, ok = grade(text, ex.answer, ex.verifier)
+        rewards.append(r)
+        correct.append(ok)
     return torch.tensor(rewards), torch.tensor(correct, dtype=torch.float)
 
 

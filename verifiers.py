@@ -21,6 +21,7 @@ What "math" accepts as equal to the gold answer:
 A verifier never raises on any model output: a policy can write anything.
 """
 
+import functools
 import logging
 import re
 from fractions import Fraction
@@ -114,7 +115,9 @@ def _too_costly(s: str) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _math_verify(pred: str, gold: str) -> bool:
+    """Tens of milliseconds a call, and a policy repeats its wrong answers: remembered."""
     from math_verify import parse, verify
     if _too_costly(pred) or _too_costly(gold):
         return False
@@ -135,6 +138,8 @@ def _choice(s: str):
 def is_correct(pred, gold: str, kind: str = "exact") -> bool:
     if pred is None:
         return False
+    if pred == gold and kind != "choice":   # most right answers: no parsing ("choice" needs a letter)
+        return True
     if kind == "choice":
         return _choice(pred) is not None and _choice(pred) == _choice(gold)
     if kind == "math":
@@ -147,8 +152,13 @@ def is_correct(pred, gold: str, kind: str = "exact") -> bool:
     return _normalise(pred) == _normalise(gold)
 
 
-def reward(response: str, gold: str, kind: str = "exact") -> float:
-    """0.9·correct + 0.1·format, where format means an <answer> tag is present."""
+def grade(response: str, gold: str, kind: str = "exact") -> tuple:
+    """(reward, correct): r = 0.9·correct + 0.1·format, where format means an <answer> tag is
+    present. One verdict per response: the trainer needs both."""
     correct = is_correct(extract_answer(response), gold, kind)
     formatted = ANSWER_RE.search(response) is not None
-    return 0.9 * correct + 0.1 * formatted
+    return 0.9 * correct + 0.1 * formatted, correct
+
+
+def reward(response: str, gold: str, kind: str = "exact") -> float:
+    return grade(response, gold, kind)[0]

@@ -106,7 +106,8 @@ def test_costly_answers_are_wrong_without_being_evaluated(answer, monkeypatch):
 def test_math_verify_runs_under_a_cap_and_its_timeouts_are_silent(monkeypatch, capsys):
     import logging
     import math_verify
-    from verifiers import MATH_VERIFY_TIMEOUT_S
+    from verifiers import MATH_VERIFY_TIMEOUT_S, _math_verify
+    _math_verify.cache_clear()
     caps = []
     real_parse, real_verify = math_verify.parse, math_verify.verify
     monkeypatch.setattr(math_verify, "parse", lambda s, **k: caps.append(k["parsing_timeout"]) or real_parse(s, **k))
@@ -114,5 +115,6 @@ def test_math_verify_runs_under_a_cap_and_its_timeouts_are_silent(monkeypatch, c
                         lambda g, p, **k: caps.append(k["timeout_seconds"]) or real_verify(g, p, **k))
     assert is_correct("\\frac{2}{4}", "\\frac{1}{2}", "math")
     assert caps == [MATH_VERIFY_TIMEOUT_S] * 3 and MATH_VERIFY_TIMEOUT_S <= 1   # at most 3 s per response
+    assert is_correct("\\frac{2}{4}", "\\frac{1}{2}", "math") and len(caps) == 3     # remembered, not parsed again
     logging.getLogger("math_verify.grader").warning("Timeout during comparison")
     assert "Timeout" not in capsys.readouterr().err
