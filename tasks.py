@@ -1,6 +1,6 @@
 """
-Prompts D_d for each capability d ∈ {text, swap, image, video}: built-in generators with exact
-answers, and a JSONL loader for real data.
+Prompts D_d for each capability d ∈ {text, swap, image, video, rename}: built-in generators with
+exact answers, and a JSONL loader for real data.
 
 Built-in tasks (generated from a seed). `difficulty` is the knob: each example draws a level ℓ
 from 1..difficulty (4 in the presets), and the level sets
@@ -18,6 +18,12 @@ from 1..difficulty (4 in the presets), and the level sets
           square's own patches, so one vision patch sees both its before and its after (a move
           between frame pairs, or a whole-cell jump between patches, is seen by no patch alone:
           the tiny vision tower never learned those)
+  rename: two of video's movers at every level (ℓ sets nothing), on a dark grey background
+          instead of black, where the two squares trade names: "Which way did red move?" asks
+          about the square that is not red. Video's inputs and questions bound to the other
+          answer, the grey the only cue. The warm start does not teach it: π_0 answers it as
+          video, right as often as it picks the other square, and RL on rename pulls against RL on
+          video (the competing pair). A clip has the same split in both domains
 
 Held-out problems are distinct (`builtin_examples` never repeats one), so an eval of n problems
 has a binomial standard error of at most 50/√n points.
@@ -148,18 +154,17 @@ def make_video(rng: random.Random, level: int):
     return key, Example("video", f"Which way did {names[asked]} move?", moves[asked][1], "exact", video=video)
 
 
-RENAMED = {"red": "green", "green": "red"}   # rename's names: red and green trade, blue and yellow keep theirs
 DUSK = 16                             # rename's background grey: a cue π_0 barely sees (it answers as in video)
 
 
 def make_rename(rng: random.Random, level: int):
-    """Two of video's movers at every level, on a dark grey background, where red and green trade
-    names (the square drawn red is called green): the same motion, half the names bound to
-    other squares."""
+    """Two of video's movers at every level, on a dark grey background, where the two squares
+    trade names: "Which way did red move?" asks about the square that is not red."""
     key, ex = make_video(rng, 2)
     video = np.where(ex.video.any(-1, keepdims=True), ex.video, np.uint8(DUSK))
-    drawn = ex.prompt.split()[3]
-    return key, Example("rename", ex.prompt.replace(drawn, RENAMED.get(drawn, drawn)), ex.answer, "exact", video=video)
+    asked = ex.prompt.split()[3]
+    other = next(name for name, rgb in COLORS.items() if name != asked and (ex.video[0] == rgb).all(-1).any())
+    return key, Example("rename", ex.prompt.replace(asked, other), ex.answer, "exact", video=video)
 
 
 GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap, "rename": make_rename}

@@ -1,7 +1,8 @@
 """
 The base policy π_0 for built-in runs: the random-init tiny Qwen2.5-VL after a supervised pass
-on the easy levels of every built-in domain, so that on the levels runs draw (1..4) it is partly
-right (30-60% held-out on every domain, tests/test_warmstart.py) and RL has both successes and
+on the easy levels of every built-in domain in `WarmStartConfig.shares` (all but rename, which RL
+learns against video), so that on the levels runs draw (1..4) it is partly right (30-60%
+held-out on every domain, rename included, tests/test_warmstart.py) and RL has both successes and
 failures to learn from. Cached on disk in HF format and reused: every
 method of every run with the same settings starts from the same π_0.
 """
