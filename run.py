@@ -58,10 +58,10 @@ def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int
              prompts: list | None = None) -> dict:
     """Held-out accuracy: greedy, and the mean over `samples` sampled responses, both decoded
     from one prefill. `prompts`: the examples already encoded (`Run` encodes its held-out sets once)."""
-    prompts = prompts or [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
     greedy, sampled = [], []
     for i in range(0, len(examples), batch):
-        chunk, encoded = examples[i:i + batch], prompts[i:i + batch]
+        chunk = examples[i:i + batch]
+        encoded = prompts[i:i + batch] if prompts else [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in chunk]
         state = prefill(model, proc, encoded) if samples else None
         greedy.append(score(generate(model, proc, encoded, 1, sampling, greedy=True, prefilled=state).texts, chunk, 1)[1])
         if samples:
@@ -85,8 +85,9 @@ class Run:
                       for d in self.domains}
         self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
                         for d in self.domains}
+        # built-in prompts encoded once for every eval; a user's pictures could take gigabytes at once
         self.heldout_prompts = {d: [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in exs]
-                                for d, exs in self.heldout.items()}   # encoded once, for every eval
+                                for d, exs in self.heldout.items() if d not in args.data}
         self.results, self.curves, self.divergence = {}, {}, {}
         self.skipped_in_a_row = {}
         self.completed, self.models = [], {}     # finished stages; finished models later stages need
@@ -155,7 +156,7 @@ class Run:
             # its own seed: the same samples whichever process evaluates
             torch.manual_seed(branch_seed(f"{self.args.seed}:eval:{step}:{final}", name))
             return {d: accuracy(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
-                                self.p.eval_samples if final else 0, prompts=self.heldout_prompts[d][:size])
+                                self.p.eval_samples if final else 0, prompts=self.heldout_prompts.get(d, [])[:size])
                     for d in self.domains}
         results = team.measure(measure, models) if team else {n: measure(n, m) for n, m in models.items()}
         for name, accs in results.items():
