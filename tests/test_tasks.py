@@ -89,7 +89,7 @@ def test_rename_is_video_with_two_squares_that_trade_names_on_a_grey_background(
         frames = ex.video.reshape(4, -1, 3)
         assert not (frames == 0).all(-1).any() and (frames == DUSK).all(-1).any()
         named = ex.prompt.split()[3]
-        moved = [rgb for name, rgb in COLORS.items() if (ex.video[0] == rgb).all(-1).any()]
+        moved = [rgb for rgb in COLORS.values() if (ex.video[0] == rgb).all(-1).any()]
         assert len(moved) == 2 and COLORS[named] in moved
         other = next(rgb for rgb in moved if rgb != COLORS[named])
         at = lambda f: np.argwhere((f == other).all(-1)).mean(0)
