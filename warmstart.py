@@ -39,6 +39,11 @@ class WarmStartConfig:
     # mixed with several movers the tiny vision tower never learned motion (at chance after 2,000
     # steps); taught one, it learns motion and picks some mover's direction on two or more.
     levels: dict = field(default_factory=lambda: {"text": (1, 2), "swap": (1, 2), "image": (1, 2), "video": (1,)})
+    # torch.compile the language model's decoder layers (inductor: a C++ compiler on the CPU).
+    # On the tiny policy a step is mostly per-op overhead, which fusing cuts by a fifth. Another
+    # float order, so another π_0 (the flag is part of its cache name); off where it would not
+    # pay back its compile time (the smoke preset) or is not checked yet (the GPU).
+    compile: bool = False
 
 
 def cache_dir():
@@ -56,23 +61,29 @@ def encode_example(model, proc, ex):
     return prompt, target, position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)[..., 0, :]
 
 
-def sft_loss(model, proc, rows):
-    """Cross-entropy of the target answers (and their EOS) given their prompts, over all target
-    tokens of `rows` (`encode_example`'s triples), in one padded forward: prompts left-padded,
-    targets right-padded, each response position one past the last (as in the sampler)."""
+def sft_loss(model, proc, batches):
+    """Cross-entropy of the target answers (and their EOS) given their prompts, the mean over all
+    target tokens of `batches` (lists of `encode_example`'s triples, one list per domain). One
+    padded forward per list: prompts left-padded, targets right-padded, each response position
+    one past the last (as in the sampler). Per domain, because a text prompt is 23 tokens and a
+    video prompt 53: one batch of all would pad every text row to the video's length."""
     device = next(model.parameters()).device
-    T, Lp = max(len(t) for _, t, _ in rows), max(len(p.ids) for p, _, _ in rows)
-    response = torch.full((len(rows), T), proc.pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), T, device=device)
-    positions = torch.zeros(rows[0][2].shape[:-1] + (len(rows), Lp + T), dtype=torch.long)
-    for i, (p, t, pos) in enumerate(rows):
-        response[i, :len(t)] = torch.tensor(t)
-        mask[i, :len(t)] = 1
-        positions[..., i, Lp - len(p.ids):Lp] = pos
-        positions[..., i, Lp:] = pos.max(-1, keepdim=True).values + 1 + torch.arange(T)
-    logits = full_response_logits(model, proc, [p for p, _, _ in rows], response, positions.to(device))
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
-    return (nll * mask.flatten()).sum() / mask.sum()
+    total, tokens = 0.0, 0
+    for rows in batches:
+        T, Lp = max(len(t) for _, t, _ in rows), max(len(p.ids) for p, _, _ in rows)
+        response = torch.full((len(rows), T), proc.pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), T, device=device)
+        positions = torch.zeros(rows[0][2].shape[:-1] + (len(rows), Lp + T), dtype=torch.long)
+        for i, (p, t, pos) in enumerate(rows):
+            response[i, :len(t)] = torch.tensor(t)
+            mask[i, :len(t)] = 1
+            positions[..., i, Lp - len(p.ids):Lp] = pos
+            positions[..., i, Lp:] = pos.max(-1, keepdim=True).values + 1 + torch.arange(T)
+        logits = full_response_logits(model, proc, [p for p, _, _ in rows], response, positions.to(device))
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), response.flatten(), reduction="none")
+        total = total + (nll * mask.flatten()).sum()
+        tokens += int(mask.sum())
+    return total / tokens
 
 
 def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
@@ -99,6 +110,9 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     data = {d: [encode_example(model, proc, ex) for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
             for d in taught}
     share = {d: max(1, cfg.batch_size * cfg.shares[d] // sum(cfg.shares.values())) for d in taught}
+    if cfg.compile:
+        for layer in model.get_decoder().layers:
+            layer.compile(dynamic=True)    # one graph for every batch and length
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # linear warm-up, then cosine down to 10%: π_0 ends settled, not mid-oscillation
@@ -107,7 +121,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     started = time.time()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for _ in bar:
-        loss = sft_loss(model, proc, [row for d in taught for row in rng.sample(data[d], share[d])])
+        loss = sft_loss(model, proc, [rng.sample(data[d], share[d]) for d in taught])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

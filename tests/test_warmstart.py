@@ -68,3 +68,43 @@ def test_pi0_is_partly_right_on_every_domain_and_has_not_memorised():
         held_acc, train_acc = (accuracy(model, proc, xs, p.rl.sampling, 0)["greedy"] for xs in (held, train))
         assert 0.30 <= held_acc <= 0.60, (domain, held_acc)
         assert abs(train_acc - held_acc) <= 0.10, (domain, train_acc, held_acc)
+
+
+def _rows(model, proc, per_domain):
+    from tasks import DOMAINS
+    from warmstart import encode_example
+    return [[encode_example(model, proc, ex) for ex in builtin_examples(d, "train", n, 0)]
+            for d, n in zip(DOMAINS, per_domain)]
+
+
+def test_sft_loss_is_the_token_mean_over_all_domains(tiny):
+    """One forward per domain, the same loss and gradients as one padded forward of all rows:
+    the mean over every target token, not the mean of the domains' means."""
+    from warmstart import sft_loss
+    model, proc = tiny
+    batches = _rows(model, proc, [3, 2, 2, 1, 2])            # domains with unequal rows and lengths
+    per_domain = sft_loss(model, proc, batches)
+    grads = torch.autograd.grad(per_domain, list(model.parameters()), allow_unused=True)
+    padded = sft_loss(model, proc, [[row for rows in batches for row in rows]])
+    padded_grads = torch.autograd.grad(padded, list(model.parameters()), allow_unused=True)
+    assert torch.allclose(per_domain, padded, atol=1e-5), (per_domain, padded)
+    means = [sft_loss(model, proc, [rows]) for rows in batches]
+    assert not torch.allclose(per_domain, sum(means) / len(means), atol=1e-3)   # the test can tell
+    for g, h in zip(grads, padded_grads):
+        assert (g is None) == (h is None)
+        if g is not None:
+            assert torch.allclose(g, h, atol=1e-5)
+
+
+def test_compiled_warm_start_matches_eager_and_is_cached_apart(tmp_path, monkeypatch):
+    """compile=True (the cpu preset's): the same losses as eager to float noise over a few steps,
+    and its own π_0 in the cache, since its float order differs."""
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path))
+    cfg = WarmStartConfig(steps=3, batch_size=6, train_examples=30)
+    compiled = WarmStartConfig(steps=3, batch_size=6, train_examples=30, compile=True)
+    assert pi0_name(TINY, cfg, 0) != pi0_name(TINY, compiled, 0)
+    eager, _ = warm_start(TINY, cfg, seed=0, quiet=True)
+    fused, _ = warm_start(TINY, compiled, seed=0, quiet=True)
+    for a, b in zip(eager.parameters(), fused.parameters()):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert len([d for d in os.listdir(tmp_path) if d.startswith("pi0-")]) == 2
