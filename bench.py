@@ -6,6 +6,7 @@ Phase II step goes (rollout, teacher scoring, backward, optimizer).
     python bench.py --device cpu --json out.json
     python bench.py --device cuda --json gpu.json
     python bench.py --profile                      # torch.profiler's top ops of one CoPD step
+    OMP_NUM_THREADS=1 python bench.py --warm-start # π_0's step: padded, per domain, compiled
 
 `--json PATH` writes a list of rows: one per sampler measurement, each with
 `speedup_vs_hf_generate`, then one per piece of the CoPD step (`"kind": "copd_step"`).
@@ -136,6 +137,49 @@ def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd
             "step_s": round(total, 4), "step_to_rollout": round(total / rollouts, 2)}
 
 
+def bench_warm_start(steps: int = 40, examples: int = 300, warmup: int = 5) -> list:
+    """Seconds per step of the cpu preset's warm start (π_0's supervised pass, 72 rows) three
+    ways on the same model, rows and order: one padded forward of all rows (the old recipe), one
+    forward per domain (the recipe), and one per domain with the decoder layers compiled (tried,
+    not kept: README, Performance). The median of `steps` steps after `warmup` (compiling
+    happens in those; their sum is reported as the warm-up). With OMP_NUM_THREADS=1: one lane."""
+    import random
+    from config import presets
+    from tasks import builtin_examples
+    from warmstart import domain_rows, encode_example, sft_loss
+    cfg, tiny = presets()["cpu"].warm, presets()["cpu"].tiny
+    share = domain_rows(cfg)
+    rows = []
+    for way, per_domain, compiled in (("one padded forward", False, False),
+                                      ("one forward per domain", True, False),
+                                      ("per domain, layers compiled", True, True)):
+        tok = build_tokenizer()
+        model = build_tiny_policy(tok, tiny, 0)
+        proc = make_processor(tok, model)
+        data = {d: [encode_example(model, proc, ex) for ex in builtin_examples(d, "train", examples, 0, levels=cfg.levels[d])]
+                for d in share}
+        if compiled:
+            for layer in model.get_decoder().layers:
+                layer.compile(dynamic=True)    # one graph for every batch and length
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        rng = random.Random(0)
+        times = []
+        for _ in range(warmup + steps):
+            batches = [rng.sample(data[d], n) for d, n in share.items()]
+            t = time.perf_counter()
+            loss = sft_loss(model, proc, batches if per_domain else [sum(batches, [])])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+        median = sorted(times[warmup:])[steps // 2]
+        rows.append({"kind": "warm_start_step", "way": way, "seconds": round(median, 4),
+                     "warmup_s": round(sum(times[:warmup]), 1), "threads": torch.get_num_threads()})
+    for r in rows:
+        r["vs_padded"] = round(r["seconds"] / rows[0]["seconds"], 3)
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # the GPU check: every GPU claim of this repository measured in one call
 #
@@ -261,6 +305,7 @@ def main():
                                                           "gpu preset wall time, NCCL (writes OUT/check.json, check.md)")
     ap.add_argument("--out", default="gpu_check", help="--check writes here")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top ops of one CoPD step")
+    ap.add_argument("--warm-start", action="store_true", help="seconds per step of π_0's warm start, three ways")
     args = ap.parse_args()
     if args.check:
         print(check_table(gpu_check(args.device, args.quick, args.out)))
@@ -271,6 +316,15 @@ def main():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             bench_copd_step(args.device, torch.float32, repeats=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
+    if args.warm_start:
+        rows = bench_warm_start(steps=8 if args.quick else 40)
+        print(f"warm-start step (cpu preset, 72 rows, {rows[0]['threads']} thread(s), median of the steps after warm-up):")
+        for r in rows:
+            print(f"  {r['way']:<30} {r['seconds']:.3f} s  x{r['vs_padded']:.2f}  (warm-up {r['warmup_s']:.0f} s)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")

@@ -67,7 +67,7 @@ def presets():
                    rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
     cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
-                 eval_every=50, eval_size=1000, curve_eval_size=200, warm=WarmStartConfig(compile=True),
+                 eval_every=50, eval_size=1000, curve_eval_size=200,
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
                  opd=OPDConfig(prompts_per_step=8, samples_per_prompt=8))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,

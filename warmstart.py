@@ -26,6 +26,11 @@ from run import cosine
 from tasks import DOMAINS, TASKS_VERSION, builtin_examples
 
 
+# The warm start's code, as far as it decides π_0's float order: π_0 is chaotic under float order,
+# so a change there makes other π_0s and must not reuse cached ones. 2: one forward per domain.
+RECIPE_VERSION = 2
+
+
 @dataclass
 class WarmStartConfig:
     steps: int = 3000
@@ -39,11 +44,6 @@ class WarmStartConfig:
     # mixed with several movers the tiny vision tower never learned motion (at chance after 2,000
     # steps); taught one, it learns motion and picks some mover's direction on two or more.
     levels: dict = field(default_factory=lambda: {"text": (1, 2), "swap": (1, 2), "image": (1, 2), "video": (1,)})
-    # torch.compile the language model's decoder layers (inductor: a C++ compiler on the CPU).
-    # On the tiny policy a step is mostly per-op overhead, which fusing cuts by a fifth. Another
-    # float order, so another π_0 (the flag is part of its cache name); off where it would not
-    # pay back its compile time (the smoke preset) or is not checked yet (the GPU).
-    compile: bool = False
 
 
 def cache_dir():
@@ -86,9 +86,15 @@ def sft_loss(model, proc, batches):
     return total / tokens
 
 
+def domain_rows(cfg: WarmStartConfig) -> dict:
+    """Rows per step of each taught domain: `batch_size` split as `shares`."""
+    taught = [d for d in DOMAINS if d in cfg.shares]
+    return {d: max(1, cfg.batch_size * cfg.shares[d] // sum(cfg.shares.values())) for d in taught}
+
+
 def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
     """The cache folder's name: a hash of everything that makes π_0 what it is."""
-    recipe = [asdict(tiny), asdict(cfg), seed, TASKS_VERSION]
+    recipe = [asdict(tiny), asdict(cfg), seed, TASKS_VERSION, RECIPE_VERSION]
     return "pi0-" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -106,13 +112,9 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     tokenizer = build_tokenizer()
     model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)
-    taught = [d for d in DOMAINS if d in cfg.shares]   # rename is not: RL must learn it against video
+    share = domain_rows(cfg)   # rename is not taught: RL must learn it against video
     data = {d: [encode_example(model, proc, ex) for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
-            for d in taught}
-    share = {d: max(1, cfg.batch_size * cfg.shares[d] // sum(cfg.shares.values())) for d in taught}
-    if cfg.compile:
-        for layer in model.get_decoder().layers:
-            layer.compile(dynamic=True)    # one graph for every batch and length
+            for d in share}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     # linear warm-up, then cosine down to 10%: π_0 ends settled, not mid-oscillation
@@ -121,7 +123,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     started = time.time()
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for _ in bar:
-        loss = sft_loss(model, proc, [rng.sample(data[d], share[d]) for d in taught])
+        loss = sft_loss(model, proc, [rng.sample(data[d], n) for d, n in share.items()])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,6 +144,25 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     return load_policy(path, device=device)
 
 
+def pi0_accuracy(model, proc, preset, seed: int = 0, problems: int = 1000) -> dict:
+    """Greedy accuracy on every built-in domain: on `problems` distinct held-out problems of the
+    levels runs draw (overall and per level), and on as many training problems of the same levels,
+    which a π_0 that had memorised its warm start would answer far better."""
+    from collections import Counter
+
+    from run import accuracy
+    out = {}
+    for domain in DOMAINS:
+        held = builtin_examples(domain, "heldout", problems, seed, preset.difficulty)
+        levels = sorted(Counter(e.level for e in held).items())
+        train = [ex for level, k in levels for ex in builtin_examples(domain, "train", k, seed, levels=(level,))]
+        per_level = {level: accuracy(model, proc, [e for e in held if e.level == level], preset.rl.sampling, 0)["greedy"]
+                     for level, _ in levels}
+        out[domain] = {"heldout": sum(per_level[level] * k for level, k in levels) / len(held),
+                       "train": accuracy(model, proc, train, preset.rl.sampling, 0)["greedy"], "per_level": per_level}
+    return out
+
+
 if __name__ == "__main__":
     # π_0 built ahead of the runs that share it (reproduce.py does this in its own lane)
     import argparse
@@ -150,6 +171,13 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Build (or find) the cached π_0 of a preset and seed.")
     ap.add_argument("--preset", default="cpu", choices=sorted(presets()))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--accuracy", action="store_true", help="then print its held-out and train accuracy per domain")
     a = ap.parse_args()
     p = presets()[a.preset]
-    warm_start(p.tiny, p.warm, a.seed)
+    model, proc = warm_start(p.tiny, p.warm, a.seed)
+    if a.accuracy:
+        print(f"π_0 of --preset {a.preset} --seed {a.seed}, greedy accuracy (%), {p.eval_size} distinct problems per domain:")
+        print("| domain | held-out | train, same levels | held-out per level |\n|---|---|---|---|")
+        for domain, acc in pi0_accuracy(model, proc, p, a.seed, p.eval_size).items():
+            levels = ", ".join(f"{100 * v:.0f}" for v in acc["per_level"].values())
+            print(f"| {domain} | {100 * acc['heldout']:.1f} | {100 * acc['train']:.1f} | {levels} |")
