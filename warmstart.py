@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from policy import (TinyConfig, build_tiny_policy, build_tokenizer, collate, encode_prompt, load_policy, make_processor,
                     position_ids, save_policy)
 from rollout import full_response_logits
-from run import cosine
+from run import accuracy, cosine
 from tasks import DOMAINS, TASKS_VERSION, builtin_examples
 
 
@@ -148,9 +149,6 @@ def pi0_accuracy(model, proc, preset, seed: int = 0, problems: int = 1000) -> di
     """Greedy accuracy on every built-in domain: on `problems` distinct held-out problems of the
     levels runs draw (overall and per level), and on as many training problems of the same levels,
     which a π_0 that had memorised its warm start would answer far better."""
-    from collections import Counter
-
-    from run import accuracy
     out = {}
     for domain in DOMAINS:
         held = builtin_examples(domain, "heldout", problems, seed, preset.difficulty)

@@ -37,7 +37,7 @@ def test_supervised_warm_start_teaches_the_answer_format(tmp_path, monkeypatch):
 
 
 # π_0 of `--preset cpu`, seed 0, as the warm start built it (2 MB): its band is a property of these
-# weights, checked here without the 12-minute warm start. Rebuild it when the recipe changes:
+# weights, checked here without the 11-minute warm start. Rebuild it when the recipe changes:
 #   python warmstart.py --preset cpu --seed 0 --accuracy   (then copy .cache/pi0-* here, its name into NAME)
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pi0")
 
