@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policy import encode_prompt
+from policy import prompt_of
 from rlvr import PGBatch, RLConfig, surrogate_loss
 from rollout import generate, response_logits, sampling_logprobs, token_logprobs
 
@@ -109,7 +109,7 @@ def teacher_logprobs(teachers: dict, proc, rollout, domains: list, rl: RLConfig,
 
 def opd_rollout(student, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
     """The student's own samples on `examples` (the on-policy half of OPD) and each row's domain."""
-    prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
+    prompts = [prompt_of(proc, ex) for ex in examples]
     rollout = generate(student, proc, prompts, cfg.samples_per_prompt, rl.sampling)
     return rollout, [ex.domain for ex in examples for _ in range(cfg.samples_per_prompt)]
 
@@ -184,7 +184,7 @@ def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: 
 @torch.no_grad()
 def divergence(student, teacher, proc, examples: list, rl: RLConfig, k: int = 10, samples: int = 2):
     """Top-k overlap and symmetric KL of two policies over the student's own rollouts."""
-    prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
+    prompts = [prompt_of(proc, ex) for ex in examples]
     rollout = generate(student, proc, prompts, samples, rl.sampling)
     s = sampling_logprobs(response_logits(student, proc, rollout.prompts, rollout.response), rl.sampling, proc)
     t = sampling_logprobs(response_logits(teacher, proc, rollout.prompts, rollout.response), rl.sampling, proc)

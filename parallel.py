@@ -36,7 +36,7 @@ import torch.distributed as dist
 from copd import Scored, branch_seed, finish_step, student_side
 from opd import rows_to_keep, teacher_logprobs
 from memory import clone_policy, folded
-from policy import encode_prompt
+from policy import prompt_of
 from rollout import Rollout
 
 
@@ -156,7 +156,7 @@ def score_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, r
             if j != layout.branch:
                 continue
             n = response.shape[0] // len(idx)
-            prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in (pools[j][i] for i in idx)]
+            prompts = [prompt_of(proc, pools[j][i]) for i in idx]
             rollout = Rollout([p for p in prompts for _ in range(n)], response.to(device), None, mask.to(device), [], n)
             lp, full = teacher_logprobs({j: model}, proc, rollout, [j] * response.shape[0], rl,
                                         rows_to_keep(opd, rollout))

@@ -15,6 +15,8 @@ Everything model-specific lives here, in one place:
   - `mm_token_type_ids` (text 0, image 1, video 2), which newer Qwen-VL forwards ask for.
 """
 
+import copy
+import functools
 import inspect
 import json
 import os
@@ -192,6 +194,9 @@ class Prompt:
     image_grid_thw: torch.Tensor | None = None
     pixel_values_videos: torch.Tensor | None = None
     video_grid_thw: torch.Tensor | None = None
+    # its rope positions for each model class, filled on first use by `prompt_positions`; a
+    # copy (copy.copy) shares this dict, so every copy of a prompt fills it once for all
+    positions: dict = field(default_factory=dict)
 
 
 def encode_prompt(proc: Processor, text: str, image=None, video=None) -> Prompt:
@@ -226,6 +231,16 @@ def encode_prompt(proc: Processor, text: str, image=None, video=None) -> Prompt:
     else:  # a base LM without a template
         prompt.ids = tok(vision + text + "\n", add_special_tokens=False)["input_ids"]
     return prompt
+
+
+def prompt_of(proc: Processor, example) -> Prompt:
+    """The policy's input for a tasks.Example: a copy of the prompt encoded ahead of time
+    (`example.encoded`: run.py encodes the built-in pools once) or a fresh encoding. A copy,
+    because response_logits tells one draw's rows from another draw of the same example by
+    the Prompt object; copies share the token ids, the pixels and the kept positions."""
+    if example.encoded is None:
+        return encode_prompt(proc, example.prompt, example.image, example.video)
+    return copy.copy(example.encoded)
 
 
 @dataclass
@@ -263,7 +278,13 @@ def core(model):
 
 
 def _accepts(model, name):
-    return name in inspect.signature(core(model).forward).parameters
+    return name in _forward_parameters(type(core(model)))
+
+
+@functools.cache
+def _forward_parameters(model_class) -> frozenset:
+    """The keywords a model class's forward takes: read once per class, not per forward."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def mm_token_type_ids(model, input_ids):
@@ -288,6 +309,27 @@ def position_ids(model, input_ids, attention_mask, vision):
             attention_mask=attention_mask)
         return pos
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prompt_positions(model, prompts: list, batch: PromptBatch) -> torch.Tensor:
+    """`position_ids` of `batch`, the left-padded collation of `prompts`, each prompt's row
+    computed once and kept on it (`Prompt.positions`): transformers' rope index is a Python loop
+    over rows, and a prompt is collated again at every step that samples, scores or evaluates
+    it. A row's positions skip its padding, so they do not depend on the rest of the batch;
+    padding gets 0, as the rope index gives it."""
+    kind = type(core(model))
+    todo = list({id(p): p for p in prompts if kind not in p.positions}.values())
+    if todo:
+        fresh = collate(todo, pad_id=0).to(batch.input_ids.device)   # any pad id: positions skip padding
+        pos = position_ids(model, fresh.input_ids, fresh.attention_mask, fresh.vision)
+        for i, p in enumerate(todo):
+            p.positions[kind] = pos[..., i, pos.shape[-1] - len(p.ids):].clone()
+    L = batch.input_ids.shape[1]
+    first = prompts[0].positions[kind]
+    out = torch.zeros(first.shape[:-1] + (len(prompts), L), dtype=first.dtype, device=batch.input_ids.device)
+    for i, p in enumerate(prompts):
+        out[..., i, L - len(p.ids):] = p.positions[kind]
+    return out
 
 
 def forward(model, input_ids, attention_mask, positions, cache=None, vision=None, logits_to_keep=0):

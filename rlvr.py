@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from policy import encode_prompt
+from policy import prompt_of
 from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
 from verifiers import grade
 
@@ -160,7 +160,7 @@ def surrogate_loss(rollout, advantages, cfg: RLConfig, ref_logp=None, stats=None
 
 def grpo_batch(model, proc, examples: list, cfg: RLConfig, ref_model=None):
     """Sample G responses per prompt, reward, Â (broadcast over tokens). Returns (PGBatch, stats)."""
-    prompts = [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in examples]
+    prompts = [prompt_of(proc, ex) for ex in examples]
     rollout = generate(model, proc, prompts, cfg.group_size, cfg.sampling)
     rewards, correct = score(rollout.texts, examples, cfg.group_size)
     groups = rewards.view(len(examples), cfg.group_size)

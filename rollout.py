@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from policy import collate, core, forward, new_cache, position_ids
+from policy import collate, core, forward, new_cache, position_ids, prompt_positions
 
 
 @dataclass
@@ -87,7 +87,7 @@ def prefill(model, proc, prompts: list) -> Prefill:
     prefill between greedy and sampled decoding: for pictures the prefill is most of the cost."""
     device = next(model.parameters()).device
     batch = collate(prompts, proc.pad_id).to(device)
-    pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
+    pos = prompt_positions(model, prompts, batch)
     logits, cache = forward(model, batch.input_ids, batch.attention_mask, pos, cache=new_cache(model),
                             vision=batch.vision, logits_to_keep=1)
     return Prefill(batch, pos, cache, logits[:, -1])
@@ -289,9 +289,10 @@ def response_logits(model, proc, prompts: list, response):
     if len(counts) == len(prompts) or _checkpointing(model):
         return full_response_logits(model, proc, prompts, response)   # nothing shared (or no cache)
     starts = [0] + list(itertools.accumulate(counts))[:-1]
-    batch = collate([prompts[i] for i in starts], proc.pad_id).to(response.device)
+    firsts = [prompts[i] for i in starts]
+    batch = collate(firsts, proc.pad_id).to(response.device)
     reps = torch.tensor(counts, device=response.device)
-    pos = position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)
+    pos = prompt_positions(model, firsts, batch)
     logits, cache = forward(model, batch.input_ids, batch.attention_mask, pos, cache=new_cache(model),
                             vision=batch.vision, logits_to_keep=1)
     first = logits[:, -1:].repeat_interleave(reps, 0)                    # predicts response[:, 0]

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from copd import branch_seed
 from memory import clone_policy
-from policy import encode_prompt
+from policy import encode_prompt, prompt_of
 from rlvr import score
 from rollout import SamplingConfig, generate, prefill
 from tasks import load_domain
@@ -54,14 +54,13 @@ def learning_rate(peak: float, step: int, total: int, schedule: str = "cosine", 
 # evaluation
 
 @torch.no_grad()
-def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256,
-             prompts: list | None = None) -> dict:
+def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256) -> dict:
     """Held-out accuracy: greedy, and the mean over `samples` sampled responses, both decoded
-    from one prefill. `prompts`: the examples already encoded (`Run` encodes its held-out sets once)."""
+    from one prefill."""
     greedy, sampled = [], []
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
-        encoded = prompts[i:i + batch] if prompts else [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in chunk]
+        encoded = [prompt_of(proc, ex) for ex in chunk]
         state = prefill(model, proc, encoded) if samples else None
         greedy.append(score(generate(model, proc, encoded, 1, sampling, greedy=True, prefilled=state).texts, chunk, 1)[1])
         if samples:
@@ -85,9 +84,11 @@ class Run:
                       for d in self.domains}
         self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
                         for d in self.domains}
-        # built-in prompts encoded once for every eval; a user's pictures could take gigabytes at once
-        self.heldout_prompts = {d: [encode_prompt(proc, ex.prompt, ex.image, ex.video) for ex in exs]
-                                for d, exs in self.heldout.items() if d not in args.data}
+        # built-in prompts encoded once, for every step and eval that draws them (policy.prompt_of);
+        # a user's pictures could take gigabytes at once
+        for d in self.domains:
+            for ex in [] if d in args.data else self.train[d] + self.heldout[d]:
+                ex.encoded = encode_prompt(proc, ex.prompt, ex.image, ex.video)
         self.results, self.curves, self.divergence = {}, {}, {}
         self.skipped_in_a_row = {}
         self.completed, self.models = [], {}     # finished stages; finished models later stages need
@@ -156,7 +157,7 @@ class Run:
             # its own seed: the same samples whichever process evaluates
             torch.manual_seed(branch_seed(f"{self.args.seed}:eval:{step}:{final}", name))
             return {d: accuracy(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
-                                self.p.eval_samples if final else 0, prompts=self.heldout_prompts.get(d, [])[:size])
+                                self.p.eval_samples if final else 0)
                     for d in self.domains}
         results = team.measure(measure, models) if team else {n: measure(n, m) for n, m in models.items()}
         for name, accs in results.items():

@@ -61,6 +61,7 @@ class Example:
     video: np.ndarray | None = None       # (T, H, W, 3) uint8
     source: str = ""                      # file:line of a JSONL row (for error messages)
     level: int = 0                        # a built-in task's level (0 for JSONL rows)
+    encoded: object = None                # its policy.Prompt, where a run encoded it ahead (policy.prompt_of)
 
     def target(self):
         """The response the warm start teaches."""
