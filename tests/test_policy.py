@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from policy import (Processor, build_tokenizer, collate, encode_prompt, forward, load_policy, patchify, position_ids, save_policy)
+from policy import (Processor, build_tokenizer, collate, encode_prompt, forward, load_policy, patchify, position_ids, prompt_of,
+                    prompt_positions, save_policy)
 from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
 from tasks import builtin_examples
 
@@ -74,6 +75,43 @@ def test_left_padding_does_not_change_a_prompts_output(tiny):
     padded = generate(model, proc, prompts, 1, SamplingConfig(max_new_tokens=5), greedy=True)
     assert torch.equal(alone.response[0], padded.response[0])
     assert torch.allclose(alone.logprobs[0], padded.logprobs[0], atol=1e-4)
+
+
+def test_kept_prompt_positions_equal_the_rope_index_of_every_batch(tiny):
+    """Positions computed once per prompt and reassembled: the same as transformers' rope index
+    of each batch, whatever the rows around a prompt and however much padding it gets; a copy
+    shares them, and a model of another class gets its own."""
+    import copy
+    model, proc = tiny
+    exs = builtin_examples("video", "train", 1, 0) + builtin_examples("image", "train", 2, 0) + builtin_examples("text", "train", 2, 0)
+    prompts = [encode_prompt(proc, e.prompt, e.image, e.video) for e in exs]
+    for batch_prompts in (prompts, prompts[3:] + prompts[1:2] * 2, [copy.copy(prompts[2]), prompts[0], prompts[4]]):
+        b = collate(batch_prompts, proc.pad_id)
+        expected = position_ids(model, b.input_ids, b.attention_mask, b.vision)
+        kept = prompt_positions(model, batch_prompts, b)
+        real = b.attention_mask.bool()
+        assert kept.shape == expected.shape and torch.equal(kept[:, real], expected[:, real])
+    assert copy.copy(prompts[1]).positions is prompts[1].positions     # a copy reads the kept ones
+    # a text-only model of another class: (B, L) positions of its own beside the (3, B, L) ones
+    from transformers import LlamaConfig, LlamaForCausalLM
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(proc.tokenizer), hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=32))
+    b = collate(prompts[3:], proc.pad_id)
+    assert torch.equal(prompt_positions(lm, prompts[3:], b), position_ids(lm, b.input_ids, b.attention_mask, {}))
+    assert prompts[3].positions[type(lm)].dim() == 1 and prompts[3].positions[type(model)].dim() == 2
+
+
+def test_an_example_encoded_ahead_is_drawn_as_a_copy_of_its_prompt(tiny):
+    """prompt_of: a fresh encoding without `encoded`; with it, a new Prompt object each draw
+    (response_logits tells draws apart by object) that shares the ids, pixels and positions."""
+    _, proc = tiny
+    ex = builtin_examples("image", "train", 1, 0)[0]
+    fresh = prompt_of(proc, ex)
+    assert fresh.ids == encode_prompt(proc, ex.prompt, ex.image).ids
+    ex.encoded = fresh
+    a, b = prompt_of(proc, ex), prompt_of(proc, ex)
+    assert a is not b and a is not fresh
+    assert a.ids is fresh.ids and a.pixel_values is fresh.pixel_values and a.positions is fresh.positions
 
 
 class _Output(dict):
