@@ -7,6 +7,7 @@ Phase II step goes (rollout, teacher scoring, backward, optimizer).
     python bench.py --device cuda --json gpu.json
     python bench.py --profile                      # torch.profiler's top ops of one CoPD step
     OMP_NUM_THREADS=1 python bench.py --warm-start # π_0's step: padded, per domain, compiled
+    OMP_NUM_THREADS=1 python bench.py --micro-batch 64,128   # the CoPD step at two micro-batch sizes
 
 `--json PATH` writes a list of rows: one per sampler measurement, each with
 `speedup_vs_hf_generate`, then one per piece of the CoPD step (`"kind": "copd_step"`).
@@ -89,13 +90,14 @@ def bench_sampler(name, device, dtype, batch, prompt_len, new_tokens, bandwidth,
 
 def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd=None, repeats: int = 5):
     """Wall time of the pieces of one CoPD Phase II step for one branch: by default the tiny
-    policy with the cpu preset's batches (16x8 GRPO + 8x8 OPD rollouts). Each piece's fastest
-    of `repeats` passes; `step_to_rollout` is the whole step over its two rollouts."""
-    from opd import OPDConfig, opd_batch
-    from rlvr import RLConfig, grpo_batch, loss_weights, backward_tokens
+    policy with the cpu preset's batches (16x8 GRPO + 8x8 OPD rollouts, its micro-batch). Each
+    piece's fastest of `repeats` passes; `step_to_rollout` is the whole step over its two rollouts."""
+    from config import presets
+    from opd import opd_batch
+    from rlvr import grpo_batch, loss_weights, backward_tokens
     from tasks import builtin_examples
-    rl = rl or RLConfig(prompts_per_step=16, group_size=8, sampling=SamplingConfig(max_new_tokens=10))
-    opd = opd or OPDConfig(prompts_per_step=8, samples_per_prompt=8)
+    rl = rl or presets()["cpu"].rl
+    opd = opd or presets()["cpu"].opd
     tok = build_tokenizer()
     student = build_tiny_policy(tok, tiny).to(device=device, dtype=dtype)
     teacher = copy.deepcopy(student)
@@ -135,6 +137,26 @@ def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd
     rollouts = best["rollout + reward (GRPO batch)"] + best["rollout (OPD batch)"]
     return {"phases": [{"phase": k, "seconds": round(v, 4), "share": round(v / total, 3)} for k, v in best.items()],
             "step_s": round(total, 4), "step_to_rollout": round(total / rollouts, 2)}
+
+
+def bench_micro_batch(sizes: list, rounds: int = 3, repeats: int = 6) -> list:
+    """The CoPD step (`bench_copd_step`, cpu preset) at each micro-batch size, the sizes taking
+    turns for `rounds` rounds so that a slower stretch of the machine hits them all; per size the
+    median over rounds of each round's fastest pass. With OMP_NUM_THREADS=1: one lane."""
+    from dataclasses import replace as with_
+    from config import presets
+    rl = presets()["cpu"].rl
+    passes = {n: [] for n in sizes}
+    for _ in range(rounds):
+        for n in sizes:
+            passes[n].append(bench_copd_step("cpu", torch.float32, rl=with_(rl, micro_batch=n), repeats=repeats))
+    rows = []
+    for n, runs in passes.items():
+        median = lambda key: sorted(key(r) for r in runs)[len(runs) // 2]
+        fwd_bwd = median(lambda r: next(p["seconds"] for p in r["phases"] if p["phase"] == "forward + backward"))
+        rows.append({"kind": "micro_batch", "micro_batch": n, "step_s": median(lambda r: r["step_s"]),
+                     "forward_backward_s": fwd_bwd, "threads": torch.get_num_threads()})
+    return rows
 
 
 def bench_warm_start(steps: int = 40, examples: int = 300, warmup: int = 5) -> list:
@@ -306,6 +328,7 @@ def main():
     ap.add_argument("--out", default="gpu_check", help="--check writes here")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top ops of one CoPD step")
     ap.add_argument("--warm-start", action="store_true", help="seconds per step of π_0's warm start, three ways")
+    ap.add_argument("--micro-batch", default=None, metavar="N,M", help="the CoPD step at these micro-batch sizes, taking turns")
     args = ap.parse_args()
     if args.check:
         print(check_table(gpu_check(args.device, args.quick, args.out)))
@@ -316,6 +339,15 @@ def main():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             bench_copd_step(args.device, torch.float32, repeats=0)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
+    if args.micro_batch:
+        rows = bench_micro_batch([int(n) for n in args.micro_batch.split(",")], rounds=1 if args.quick else 3)
+        print(f"one CoPD Phase II step (cpu preset, {rows[0]['threads']} thread(s), median of the rounds):")
+        for r in rows:
+            print(f"  micro-batch {r['micro_batch']:>4}: step {r['step_s']:.3f} s, forward + backward {r['forward_backward_s']:.3f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return
     if args.warm_start:
         rows = bench_warm_start(steps=8 if args.quick else 40)

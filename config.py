@@ -68,9 +68,7 @@ def presets():
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
     cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
                  eval_every=50, eval_size=1000, curve_eval_size=200,
-                 # a GRPO batch's 128 rows in one forward/backward: on one CPU thread 14% less
-                 # forward+backward time than two of 64 (bench.py)
-                 rl=RLConfig(prompts_per_step=16, group_size=8, micro_batch=128, sampling=sampling),
+                 rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
                  opd=OPDConfig(prompts_per_step=8, samples_per_prompt=8))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200,
                  tiny=TinyConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=768),

@@ -316,20 +316,20 @@ def prompt_positions(model, prompts: list, batch: PromptBatch) -> torch.Tensor:
     computed once and kept on it (`Prompt.positions`): transformers' rope index is a Python loop
     over rows, and a prompt is collated again at every step that samples, scores or evaluates
     it. A row's positions skip its padding, so they do not depend on the rest of the batch;
-    padding gets 0, as the rope index gives it."""
+    padding gets 0, as the rope index gives it. Kept and assembled on the CPU, then moved at once."""
     kind = type(core(model))
     todo = list({id(p): p for p in prompts if kind not in p.positions}.values())
     if todo:
         fresh = collate(todo, pad_id=0).to(batch.input_ids.device)   # any pad id: positions skip padding
-        pos = position_ids(model, fresh.input_ids, fresh.attention_mask, fresh.vision)
+        pos = position_ids(model, fresh.input_ids, fresh.attention_mask, fresh.vision).cpu()
         for i, p in enumerate(todo):
             p.positions[kind] = pos[..., i, pos.shape[-1] - len(p.ids):].clone()
     L = batch.input_ids.shape[1]
     first = prompts[0].positions[kind]
-    out = torch.zeros(first.shape[:-1] + (len(prompts), L), dtype=first.dtype, device=batch.input_ids.device)
+    out = torch.zeros(first.shape[:-1] + (len(prompts), L), dtype=first.dtype)
     for i, p in enumerate(prompts):
         out[..., i, L - len(p.ids):] = p.positions[kind]
-    return out
+    return out.to(batch.input_ids.device)
 
 
 def forward(model, input_ids, attention_mask, positions, cache=None, vision=None, logits_to_keep=0):
