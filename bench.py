@@ -318,6 +318,16 @@ def check_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def report(title: str, lines: list, rows: list, json_path: str | None):
+    """A measurement's lines under its title, and its rows as JSON where asked."""
+    print(title)
+    for line in lines:
+        print("  " + line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -342,21 +352,15 @@ def main():
         return
     if args.micro_batch:
         rows = bench_micro_batch([int(n) for n in args.micro_batch.split(",")], rounds=1 if args.quick else 3)
-        print(f"one CoPD Phase II step (cpu preset, {rows[0]['threads']} thread(s), median of the rounds):")
-        for r in rows:
-            print(f"  micro-batch {r['micro_batch']:>4}: step {r['step_s']:.3f} s, forward + backward {r['forward_backward_s']:.3f} s")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        lines = [f"micro-batch {r['micro_batch']:>4}: step {r['step_s']:.3f} s, forward + backward {r['forward_backward_s']:.3f} s"
+                 for r in rows]
+        report(f"one CoPD Phase II step (cpu preset, {rows[0]['threads']} thread(s), median of the rounds):", lines, rows, args.json)
         return
     if args.warm_start:
         rows = bench_warm_start(steps=8 if args.quick else 40)
-        print(f"warm-start step (cpu preset, 72 rows, {rows[0]['threads']} thread(s), median of the steps after warm-up):")
-        for r in rows:
-            print(f"  {r['way']:<30} {r['seconds']:.3f} s  x{r['vs_padded']:.2f}  (warm-up {r['warmup_s']:.0f} s)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        lines = [f"{r['way']:<30} {r['seconds']:.3f} s  x{r['vs_padded']:.2f}  (warm-up {r['warmup_s']:.0f} s)" for r in rows]
+        report(f"warm-start step (cpu preset, 72 rows, {rows[0]['threads']} thread(s), median of the steps after warm-up):",
+               lines, rows, args.json)
         return
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
