@@ -1,4 +1,5 @@
 import os
+import sys
 
 import reproduce
 
@@ -42,3 +43,11 @@ def test_bad_seeds_are_one_line(capsys):
 def test_an_unknown_preset_is_one_line(capsys):
     assert reproduce.main(["--preset", "tpu"]) == 2
     assert capsys.readouterr().err.strip() == "error: --preset must be one of smoke, cpu, gpu, got 'tpu'"
+
+
+def test_a_lane_runs_one_thread_and_keeps_freed_memory_unless_the_user_says_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    log = tmp_path / "lane.log"
+    show = "import os; print(*(os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')))"
+    _, code = reproduce.one_thread([sys.executable, "-c", show], str(log))
+    assert code == 0 and log.read_text().split() == ["1", str(32 << 20), "12345"]
