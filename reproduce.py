@@ -43,7 +43,7 @@ def command(experts: str, seed: int, out: str, preset: str, extra: list) -> list
 
 # glibc hands freed tensor memory back to the system and page-faults it in again at the next
 # step (one reproduction: 36 million minor faults); these keep it for the process: six times
-# fewer faults, 3.4% less time (README, Performance), the same results bit for bit. A value
+# fewer faults, 4% less time (README, Performance), the same results bit for bit. A value
 # the user set wins.
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
 
