@@ -143,13 +143,12 @@ def bench_micro_batch(sizes: list, rounds: int = 3, repeats: int = 6) -> list:
     """The CoPD step (`bench_copd_step`, cpu preset) at each micro-batch size, the sizes taking
     turns for `rounds` rounds so that a slower stretch of the machine hits them all; per size the
     median over rounds of each round's fastest pass. With OMP_NUM_THREADS=1: one lane."""
-    from dataclasses import replace as with_
     from config import presets
     rl = presets()["cpu"].rl
     passes = {n: [] for n in sizes}
     for _ in range(rounds):
         for n in sizes:
-            passes[n].append(bench_copd_step("cpu", torch.float32, rl=with_(rl, micro_batch=n), repeats=repeats))
+            passes[n].append(bench_copd_step("cpu", torch.float32, rl=replace(rl, micro_batch=n), repeats=repeats))
     rows = []
     for n, runs in passes.items():
         median = lambda key: sorted(key(r) for r in runs)[len(runs) // 2]

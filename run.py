@@ -87,8 +87,9 @@ class Run:
         # built-in prompts encoded once, for every step and eval that draws them (policy.prompt_of);
         # a user's pictures could take gigabytes at once
         for d in self.domains:
-            for ex in [] if d in args.data else self.train[d] + self.heldout[d]:
-                ex.encoded = encode_prompt(proc, ex.prompt, ex.image, ex.video)
+            if d not in args.data:
+                for ex in self.train[d] + self.heldout[d]:
+                    ex.encoded = encode_prompt(proc, ex.prompt, ex.image, ex.video)
         self.results, self.curves, self.divergence = {}, {}, {}
         self.skipped_in_a_row = {}
         self.completed, self.models = [], {}     # finished stages; finished models later stages need

@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,7 +61,8 @@ class Example:
     video: np.ndarray | None = None       # (T, H, W, 3) uint8
     source: str = ""                      # file:line of a JSONL row (for error messages)
     level: int = 0                        # a built-in task's level (0 for JSONL rows)
-    encoded: object = None                # its policy.Prompt, where a run encoded it ahead (policy.prompt_of)
+    # its policy.Prompt, where a run encoded it ahead (policy.prompt_of); a cache, not the example
+    encoded: object = field(default=None, compare=False, repr=False)
 
     def target(self):
         """The response the warm start teaches."""
