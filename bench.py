@@ -93,7 +93,7 @@ def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd
     policy with the cpu preset's batches (16x8 GRPO + 8x8 OPD rollouts, its micro-batch). Each
     piece's fastest of `repeats` passes; `step_to_rollout` is the whole step over its two rollouts."""
     from config import presets
-    from opd import opd_batch
+    from opd import distribution_rows, opd_batch, opd_rollout, teacher_logprobs
     from rlvr import grpo_batch, loss_weights, backward_tokens
     from tasks import builtin_examples
     rl = rl or presets()["cpu"].rl
@@ -118,19 +118,15 @@ def bench_copd_step(device, dtype, tiny: TinyConfig = TinyConfig(), rl=None, opd
     for rep in range(repeats + 1):   # the first pass warms up; each piece's fastest pass is kept
         times.clear()
         native, _ = clock("rollout + reward (GRPO batch)", lambda: grpo_batch(student, proc, own, rl))
-        # opd_batch = student rollout + teacher scoring: time the scoring separately
-        from rollout import generate as gen
-        from policy import encode_prompt
-        prompts = [encode_prompt(proc, e.prompt, e.image, e.video) for e in other]
-        clock("rollout (OPD batch)", lambda: gen(student, proc, prompts, opd.samples_per_prompt, rl.sampling))
-        distill, _ = clock("rollout + teacher scoring (OPD batch)",
-                           lambda: opd_batch(student, {"image": teacher}, proc, other, rl, opd))
+        rollout, domains = clock("rollout (OPD batch)", lambda: opd_rollout(student, proc, other, rl, opd))
+        lp, full = clock("teacher scoring", lambda: teacher_logprobs({"image": teacher}, proc, rollout, domains, rl,
+                                                                      distribution_rows(opd, rollout)))
+        distill = opd_batch(rollout, lp, full, opd)
         weights = loss_weights([native.rollout.mask, distill.rollout.mask])
         opt.zero_grad()
-        clock("forward + backward", lambda: [backward_tokens(student, proc, b.rollout, w, rl, b.token_loss)
+        clock("forward + backward", lambda: [backward_tokens(student, proc, b, w, rl)
                                              for b, w in zip([native, distill], weights)])
         clock("optimizer", opt.step)
-        times["teacher scoring"] = times.pop("rollout + teacher scoring (OPD batch)") - times["rollout (OPD batch)"]
         if rep > 0 or not repeats:
             best = {k: min(v, best.get(k, v)) for k, v in times.items()}
     total = sum(best.values())
@@ -205,7 +201,7 @@ def bench_warm_start(steps: int = 40, examples: int = 300, warmup: int = 5) -> l
 # the GPU check: every GPU claim of this repository measured in one call
 #
 #     python bench.py --check --out gpu_check                            # one GPU, under 8 minutes
-#     python bench.py --check --device cpu --quick --out /tmp/check      # the same steps on CPU, ~1 min
+#     python bench.py --check --device cpu --quick --out runs/check      # the same steps on CPU, ~1 min
 
 def _sh(cmd: list, timeout: float, env: dict | None = None):
     """(return code or "timeout", seconds, last lines of the output) of a command."""

@@ -23,10 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from opd import OPDConfig, opd_loss, opd_rollout, rows_to_keep, teacher_logprobs
+from opd import (OPDConfig, delta_stats, distribution_rows, opd_advantages, opd_batch, opd_rollout, rows_distance,
+                 teacher_logprobs)
 from memory import clone_policy, folded
 from rlvr import PGBatch, RLConfig, grpo_batch, update
 from rollout import Rollout
+
+PHASE_I, PHASE_II = "rl", "opd"     # the names the schedule and the metrics log use
 
 
 @dataclass
@@ -60,7 +63,7 @@ def neighbours(domains: list, topology: str = "hub", hub: str = "text") -> dict:
 def schedule(cfg: CoPDConfig) -> list:
     """Every step of every cycle as (cycle, phase, step_in_phase); the loop walks this list."""
     return [(c, phase, s) for c in range(cfg.cycles)
-            for phase, n in (("rl", cfg.rl_steps), ("opd", cfg.opd_steps)) for s in range(n)]
+            for phase, n in ((PHASE_I, cfg.rl_steps), (PHASE_II, cfg.opd_steps)) for s in range(n)]
 
 
 def describe(cfg: CoPDConfig, domains: list) -> str:
@@ -68,11 +71,11 @@ def describe(cfg: CoPDConfig, domains: list) -> str:
     steps = schedule(cfg)
     cycles = sorted({c for c, _, _ in steps})
     first = [phase for c, phase, _ in steps if c == cycles[0]]
-    links = neighbours(domains, cfg.topology, cfg.hub)
+    teachers_of = neighbours(domains, cfg.topology, cfg.hub)
     lines = [f"CoPD schedule: {len(domains)} branches, {len(cycles)} cycles x "
-             f"(Phase I {first.count('rl')} RLVR steps + Phase II {first.count('opd')} RLVR+OPD steps) "
+             f"(Phase I {first.count(PHASE_I)} RLVR steps + Phase II {first.count(PHASE_II)} RLVR+OPD steps) "
              f"= {len(steps)} updates per branch"]
-    lines += [f"  branch {d}: learns from {', '.join(links[d])}" for d in domains]
+    lines += [f"  branch {d}: learns from {', '.join(teachers_of[d])}" for d in domains]
     return "\n".join(lines)
 
 
@@ -86,7 +89,7 @@ def merge_average(models: list):
     return merged
 
 
-def branch_seed(step_seed: int, branch: str, replica: int = 0) -> int:
+def branch_seed(step_seed, branch: str, replica: int = 0) -> int:
     """The seed of one branch's random stream in one step: its prompts and its samples come from
     it, so a branch trains the same whether it shares this process with the other branches or
     runs on ranks of its own (parallel.py; `replica` tells apart data-parallel copies)."""
@@ -94,23 +97,26 @@ def branch_seed(step_seed: int, branch: str, replica: int = 0) -> int:
     return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16)
 
 
-def draw(pools: dict, domain: str, n: int, rng: random.Random) -> list:
+def prompt_indices(pools: dict, domain: str, n: int, rng: random.Random) -> list:
     """n training prompts of `domain` as indices into pools[domain] (indices cross the wire)."""
     return [rng.randrange(len(pools[domain])) for _ in range(n)]
 
 
+# -----------------------------------------------------------------------------
+# one step of one branch k: (a) its own batches, (b) its neighbours' grades, (c) one update
+
 @dataclass
-class OPDRollouts:
-    """A student's own rollouts on the prompts of one neighbour's domain."""
-    prompt_idx: list                   # into pools[teacher domain]: indices cross the wire, not prompts
+class NeighbourRollouts:
+    """Branch k's own rollouts on the prompts of a neighbour j's domain (Phase II)."""
+    prompt_idx: list                   # into pools[j]: indices cross the wire, not prompts
     rollout: Rollout
     row_domains: list                  # the domain of each row (routes it to its teacher)
 
 
 @dataclass
-class Scored:
-    """Those rollouts with the teacher's log-probs of the sampled tokens (and, for the metrics,
-    its full distribution or its top-k ids on a few rows)."""
+class TeacherGrades:
+    """Those rollouts graded by branch j: log π^(j) of each sampled token (N, L) and, on a few
+    rows, its whole distribution {row: (L, V)}, or from another rank its top-k ids {row: (L, k)}."""
     rollout: Rollout
     teacher_lp: torch.Tensor
     teacher_full: dict | None
@@ -118,38 +124,56 @@ class Scored:
 
 
 @dataclass
-class StudentSide:
-    """A branch's share of one step before any teacher is asked."""
-    native: PGBatch                    # (a) its GRPO batch on its own domain
+class BranchBatches:
+    """What branch k samples in one step, before any teacher is asked."""
+    native: PGBatch                    # (a) its GRPO batch on its own domain (Eq. 7)
     stats: dict
-    rollouts: dict                     # (b) {teacher domain: OPDRollouts}, Phase II only
+    neighbour_rollouts: dict           # (b) {j: NeighbourRollouts}, Phase II only
 
 
-def student_side(model, domain: str, proc, pools: dict, phase: str, links: dict, rl: RLConfig, opd: OPDConfig,
-                 seed: int) -> StudentSide:
+def branch_batches(model, domain: str, proc, pools: dict, phase: str, teachers_of: dict, rl: RLConfig,
+                   opd: OPDConfig, seed: int) -> BranchBatches:
     """Branch `domain`'s native GRPO batch and, in Phase II, its own rollouts on each
     neighbour's prompts, all drawn from the branch's stream `seed`."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    native, stats = grpo_batch(model, proc, [pools[domain][i] for i in draw(pools, domain, rl.prompts_per_step, rng)], rl)
+    native, stats = grpo_batch(model, proc, [pools[domain][i] for i in prompt_indices(pools, domain, rl.prompts_per_step, rng)], rl)
     rollouts = {}
-    if phase == "opd":
-        for j in links[domain]:
-            idx = draw(pools, j, opd.prompts_per_step, rng)
-            rollouts[j] = OPDRollouts(idx, *opd_rollout(model, proc, [pools[j][i] for i in idx], rl, opd))
-    return StudentSide(native, stats, rollouts)
+    if phase == PHASE_II:
+        for j in teachers_of[domain]:
+            idx = prompt_indices(pools, j, opd.prompts_per_step, rng)
+            rollouts[j] = NeighbourRollouts(idx, *opd_rollout(model, proc, [pools[j][i] for i in idx], rl, opd))
+    return BranchBatches(native, stats, rollouts)
 
 
-def finish_step(model, optimizer, proc, side: StudentSide, scored: dict, rl: RLConfig, opd: OPDConfig,
-                sync_grads=None) -> dict:
-    """One update of one branch on its native batch and its scored OPD rollouts {teacher domain: Scored}."""
-    batches, opd_stats, stats = [side.native], {}, side.stats
-    for j, s in scored.items():
-        batch, opd_stats[j] = opd_loss(s.rollout, s.teacher_lp, s.teacher_full, rl, opd, s.teacher_top)
-        batches.append(batch)
-    stats.update(update(model, optimizer, proc, batches, rl, sync_grads))
-    for j, o in opd_stats.items():   # the overlap metrics filled in during backward
-        stats.update({f"{k}_from_{j}": v for k, v in o.items()})
+def cross_branch_batch(grades: TeacherGrades, opd: OPDConfig) -> PGBatch:
+    """Eq. 8: branch k's rollouts on neighbour j's prompts, with the cross-branch advantage
+        Â_t = β·(log π^(j)(y_t|x, y_<t) − log π^(k)(y_t|x, y_<t)),
+    π^(j) as it was at the start of the step, π^(k) the sampler's (π_old). The exact-KL
+    ablations (`--opd-loss full|topk`) put opd.py's reverse KL in place of the surrogate."""
+    r = grades.rollout
+    if opd.loss == "sampled":
+        return PGBatch(r, opd_advantages(r.logprobs, grades.teacher_lp, opd.beta))
+    return opd_batch(r, grades.teacher_lp, grades.teacher_full, opd)
+
+
+def branch_update(model, optimizer, proc, own: BranchBatches, grades: dict, rl: RLConfig, opd: OPDConfig,
+                  sync_grads=None) -> dict:
+    """One update of branch k on its native batch and, in Phase II, on its rollouts graded by each
+    neighbour ({j: TeacherGrades}): the GRPO and OPD advantages in one clipped surrogate."""
+    batches, stats = [own.native], own.stats
+    batches += [cross_branch_batch(g, opd) for g in grades.values()]
+    delta = {j: delta_stats(g.rollout, g.teacher_lp) for j, g in grades.items()}
+    graded_rows = {1 + n: set(g.teacher_full if g.teacher_top is None else g.teacher_top)
+                   for n, g in enumerate(grades.values())}
+    result, seen = update(model, optimizer, proc, batches, rl, sync_grads, graded_rows)
+    stats.update(seen[0])
+    for n, (j, g) in enumerate(grades.items(), 1):
+        graded = g.teacher_full if g.teacher_top is None else g.teacher_top
+        delta[j].update(rows_distance(seen[n].get("student", {}), graded, g.rollout.mask, opd.overlap_k))
+    stats.update(result)
+    for j, d in delta.items():
+        stats.update({f"{k}_from_{j}": v for k, v in d.items()})
     return stats
 
 
@@ -157,38 +181,45 @@ class Branches:
     """CoPD's K branches, all in this process. parallel.RankBranches offers the same calls with
     one branch per rank under torchrun; train.train_copd drives either without asking which."""
 
-    def __init__(self, model0, domains: list, links: dict, make_optimizer, name: str = "copd"):
-        self.links, self.name = links, name
+    def __init__(self, model0, domains: list, teachers_of: dict, make_optimizer, name: str = "copd"):
+        self.teachers_of, self.name = teachers_of, name
         self.models = {d: clone_policy(model0) for d in domains}
         self.optimizers = {d: make_optimizer(m) for d, m in self.models.items()}
 
-    def named(self) -> tuple:
+    def by_name(self) -> tuple:
         """({"<name>:<domain>": model}, {"<name>:<domain>": optimizer}) of the branches held here."""
         return ({f"{self.name}:{d}": m for d, m in self.models.items()},
                 {f"{self.name}:{d}": o for d, o in self.optimizers.items()})
 
-    def step(self, proc, pools: dict, phase: str, rl: RLConfig, opd: OPDConfig, step_seed) -> dict:
-        """One update of every branch; returns {domain: stats}. Phase II builds every branch's
-        batches first, so each teacher is as it was at step start (bidirectional)."""
-        sides = {d: student_side(m, d, proc, pools, phase, self.links, rl, opd, branch_seed(step_seed, d))
-                 for d, m in self.models.items()}
-        scored = {d: {j: Scored(r.rollout, *teacher_logprobs({j: self.models[j]}, proc, r.rollout, r.row_domains, rl,
-                                                             rows_to_keep(opd, r.rollout)))
-                      for j, r in side.rollouts.items()}
-                  for d, side in sides.items()}
-        return {d: finish_step(self.models[d], self.optimizers[d], proc, side, scored[d], rl, opd)
-                for d, side in sides.items()}
+    def sample(self, proc, pools: dict, phase: str, rl: RLConfig, opd: OPDConfig, step_seed) -> dict:
+        """(a) {k: BranchBatches}: every branch's GRPO batch and, in Phase II, its rollouts on
+        each neighbour's prompts, all sampled before any branch moves."""
+        return {d: branch_batches(m, d, proc, pools, phase, self.teachers_of, rl, opd, branch_seed(step_seed, d))
+                for d, m in self.models.items()}
+
+    def grade(self, proc, own: dict, rl: RLConfig, opd: OPDConfig) -> dict:
+        """(b) {k: {j: TeacherGrades}}: branch j grades branch k's rollouts on j's prompts with
+        the weights it has at the start of the step (every branch is student and teacher)."""
+        return {d: {j: TeacherGrades(r.rollout, *teacher_logprobs({j: self.models[j]}, proc, r.rollout, r.row_domains,
+                                                                   rl, distribution_rows(opd, r.rollout)))
+                    for j, r in b.neighbour_rollouts.items()}
+                for d, b in own.items()}
+
+    def update(self, proc, own: dict, grades: dict, rl: RLConfig, opd: OPDConfig) -> dict:
+        """(c) One update of every branch (`branch_update`); returns {k: stats}."""
+        return {d: branch_update(self.models[d], self.optimizers[d], proc, b, grades[d], rl, opd)
+                for d, b in own.items()}
 
     def measure(self, measure, models: dict) -> dict:
         """{name: measure(name, model)}: one process measures everything."""
         return {name: measure(name, m) for name, m in models.items()}
 
-    def probes(self, model0) -> list:
+    def divergence_pairs(self, model0) -> list:
         """(pair, student, teacher, domain) for the divergence probes: neighbouring branches, and
         each branch against π_0, on the student's domain."""
         out = []
         for a, model in self.models.items():
-            out += [(f"{a}~{b}", model, self.models[b], a) for b in self.links[a] if a < b]
+            out += [(f"{a}~{b}", model, self.models[b], a) for b in self.teachers_of[a] if a < b]
             out.append((f"{a}~base", model, model0, a))
         return out
 

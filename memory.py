@@ -96,23 +96,18 @@ def _size(n_bytes: float) -> str:
         n_bytes /= 1024
 
 
-def model_copies(method: str, K: int) -> tuple:
-    """(trained, frozen) model copies a method holds at its peak. Frozen: π_0 (kept for the
-    evals) and finished experts / teachers. `all` peaks in CoPD with the experts still kept."""
-    return {"base": (0, 1), "rlvr": (1, K), "experts": (1, K), "mixed": (1, 1), "opd": (1, K + 1),
-            "mopd": (1, K + 1), "copd": (K, 1), "all": (K, K + 1)}[method]
-
-
-def memory_plan(model0, method: str, K: int, rows: int, tokens: int, per_rank: bool = False) -> str:
-    """An estimate, from the sizes, of what `method` holds at its peak: every trained copy's
-    weights, gradients and two AdamW moments; every frozen copy's weights (a LoRA base is shared
-    by all copies: held once); the KV cache of the largest rollout batch (`rows` x `tokens`).
+def memory_plan(model0, method: str, K: int, copies: tuple, rows: int, tokens: int, per_rank: bool = False) -> str:
+    """An estimate, from the sizes, of what `method` holds at its peak with `copies` = (trained,
+    frozen) model copies (config.METHODS; frozen: π_0, kept for the evals, and finished experts
+    or teachers): every trained copy's weights, gradients and two AdamW moments; every frozen
+    copy's weights (a LoRA base is shared by all copies: held once); the KV cache of the
+    largest rollout batch (`rows` x `tokens`).
     Not counted: the activations of backward (they scale with --micro-batch; --grad-ckpt cuts
     them). `per_rank`: under torchrun, one branch per rank."""
     params = list(model0.parameters())
     own = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
     shared = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
-    trained, frozen = (1, 1) if per_rank else model_copies(method, K)
+    trained, frozen = (1, 1) if per_rank else copies
     per_row = kv_bytes_per_token(model0) * tokens
     parts = [("trained copy: weights, gradients, AdamW", 4 * own, trained),
              ("frozen copy (π_0, experts, teachers)", own, frozen),

@@ -2,41 +2,45 @@
 On-policy distillation (the paper's Eq. 1/4): the student π_θ samples, the teacher π_T grades
 every token the student sampled with one teacher-forced pass (no grad).
 
-  δ_t = log π_T(y_t | x, y_<t) − log π_θ(y_t | x, y_<t)        one-sample estimate of −KL(π_θ‖π_T)
+  δ_t = log π_T(y_t | x, y_<t) − log π_θ(y_t | x, y_<t)
   Â_t = β·δ_t                                                  into the clipped surrogate of rlvr.py
 
-`--opd-loss sampled` (default, the paper's algorithm) uses Â_t; `full` minimises the exact
-reverse KL over the vocabulary at every student position, `topk` the same sum over the
-student's top-k tokens only (ablations). Each prompt is routed to its own domain's teacher,
-which makes multi-teacher OPD (MOPD) and CoPD's cross-branch OPD the same function.
+The direction of the KL. The paper's preliminaries write the objective over the vocabulary as
+KL(π_T‖π_θ); its algorithm trains on δ_t at the tokens the student sampled, and E_{y~π_θ}[δ_t]
+= −KL(π_θ‖π_T): the reverse KL, mode-seeking, which is what on-policy distillation minimises
+(the student is corrected where it goes, not everywhere the teacher puts mass). We follow the
+algorithm. `--opd-loss sampled` (default) uses Â_t; `full` minimises the exact reverse KL over
+the vocabulary at every student position, `topk` the same sum over the student's top-k tokens
+only (ablations). Each prompt is routed to its own domain's teacher, which makes multi-teacher
+OPD (MOPD) and CoPD's cross-branch OPD the same function.
 
 Also here: the behavioural distance between two policies on the student's own rollouts, the
 paper's top-k overlap (Eq. 6) and a symmetric KL (the paper names it, never defines it; ours
-is KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over positions).
+is KL(p‖q) + KL(q‖p) over the full vocabulary, averaged over positions), computed by one
+function, `distance`, for the probes and for the OPD steps' own statistics.
+
+Shapes: N rows (prompts × samples), L response positions, V the vocabulary.
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from policy import prompt_of
-from rlvr import PGBatch, RLConfig, surrogate_loss
-from rollout import generate, response_logits, sampling_logprobs, token_logprobs
+from rlvr import PGBatch, RLConfig, update
+from rollout import generate, response_logprobs, token_logprobs
 
 
 @dataclass
 class OPDConfig:
-    # β (the paper's β_k, no value given): Phase II puts β·δ_t in the same update as the GRPO
-    # advantages, which are standardised per group (|Â| ≈ 1 where a group has signal), while δ_t
-    # averages −0.06 nats per token on the cpu preset (−0.6 at most): at β = 1 the teachers
-    # nudge and the reward leads. `--opd-beta` sets it.
-    beta: float = 1.0
+    beta: float = 1.0                  # β of Â_t = β·δ_t (the paper names β_k, gives no value); --opd-beta
     loss: str = "sampled"              # "sampled" | "full" | "topk"
     loss_topk: int = 10                # k for the `topk` loss
     overlap_k: int = 10                # k of the top-k overlap metric (the paper's k = 10)
     prompts_per_step: int = 8
-    samples_per_prompt: int = 8        # the paper's 8; 8 x 8 rows cost what 16 x 4 did
-    metric_rows: int = 32              # rows whose full teacher distribution is kept for metrics
+    samples_per_prompt: int = 8        # the paper's 8
+    metric_rows: int = 32              # rows whose full teacher distribution is kept for the metrics
 
 
 # -----------------------------------------------------------------------------
@@ -84,25 +88,37 @@ def symmetric_kl(p_logp_all, q_logp_all):
     return ((p - q) * diff.clamp(-1e4, 1e4)).sum(-1)
 
 
+def distance(student_logp_all, teacher, mask, k: int = 10) -> dict:
+    """The mean over the positions where mask (n, L) is 1 of the top-k overlap, and of the
+    symmetric KL when `teacher` holds distributions (n, L, V); given only the teacher's top-k
+    ids (n, L, k) (from another rank), the overlap alone."""
+    total = mask.sum()
+    if not teacher.is_floating_point():
+        return {"overlap": float((overlap_of_ids(student_logp_all.topk(k, dim=-1).indices, teacher) * mask).sum() / total)}
+    return {"overlap": float((topk_overlap(student_logp_all, teacher, k) * mask).sum() / total),
+            "sym_kl": float((symmetric_kl(student_logp_all, teacher) * mask).sum() / total)}
+
+
 # -----------------------------------------------------------------------------
-# scoring and one OPD batch
+# the teacher's grades and one OPD batch
 
 @torch.no_grad()
-def teacher_logprobs(teachers: dict, proc, rollout, domains: list, rl: RLConfig, keep_rows: int):
-    """Each row scored by its own domain's teacher: token log-probs (N, T) and the full
-    distribution of the first `keep_rows` rows (for the full/topk losses and the metrics)."""
-    N, T = rollout.response.shape
-    token_lp = torch.zeros(N, T, device=rollout.response.device)
+def teacher_logprobs(teachers: dict, proc, rollout, domains: list, rl: RLConfig, distribution_rows: int):
+    """Each row scored by its own domain's teacher: log π_T of every sampled token (N, L), and
+    {row: log π_T(·|s_t) (L, V)} for the first `distribution_rows` rows (the exact losses and
+    the metrics need whole distributions)."""
+    N = rollout.response.shape[0]
+    token_lp = torch.zeros(N, rollout.response.shape[1], device=rollout.response.device)
     full = {}
     for domain, teacher in teachers.items():
         rows = [i for i in range(N) if domains[i] == domain]
         for start in range(0, len(rows), rl.micro_batch):
             chunk = rows[start:start + rl.micro_batch]
-            logits = response_logits(teacher, proc, [rollout.prompts[i] for i in chunk], rollout.response[chunk])
-            logp_all = sampling_logprobs(logits, rl.sampling, proc)
+            logp_all = response_logprobs(teacher, proc, [rollout.prompts[i] for i in chunk], rollout.response[chunk],
+                                         rl.sampling)
             token_lp[chunk] = token_logprobs(logp_all, rollout.response[chunk])
             for j, i in enumerate(chunk):
-                if i < keep_rows:
+                if i < distribution_rows:
                     full[i] = logp_all[j]
     return token_lp * rollout.mask, full
 
@@ -114,80 +130,69 @@ def opd_rollout(student, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
     return rollout, [ex.domain for ex in examples for _ in range(cfg.samples_per_prompt)]
 
 
-def rows_to_keep(cfg: OPDConfig, rollout) -> int:
-    """Rows whose full teacher distribution the loss (full, topk) or the metrics need."""
+def distribution_rows(cfg: OPDConfig, rollout) -> int:
+    """How many rows need the teacher's whole distribution: every row for the exact losses,
+    `metric_rows` for the metrics of the sampled one."""
     return rollout.mask.shape[0] if cfg.loss != "sampled" else cfg.metric_rows
 
 
-def opd_loss(rollout, teacher_lp, teacher_full: dict, rl: RLConfig, cfg: OPDConfig, teacher_top: dict | None = None):
-    """The OPD batch of a scored rollout. teacher_lp (N, T): log π_T of every sampled token;
-    teacher_full: row -> (T, V) teacher distribution, for the kept rows; or, from another rank,
-    teacher_top: row -> (T, k) the teacher's top-k token ids (the overlap needs no more; the
-    symmetric KL is then not measured). Returns (PGBatch, stats); stats gain top-k overlap
-    (and symmetric KL) once the batch's backward has run: they need the student's distribution,
-    taken from that same forward."""
-    delta = (teacher_lp - rollout.logprobs) * rollout.mask
-    stats = {"opd_delta": float(delta.sum() / rollout.mask.sum()),   # ≈ −KL(π_θ‖π_T) per token
-             "opd_tokens": int(rollout.mask.sum())}
-    metric_sums = {"overlap": 0.0, "sym_kl": 0.0, "n": 0.0}
-    kept = teacher_full if teacher_top is None else teacher_top
+def exact_kl(teacher_full: dict, cfg: OPDConfig, logp_all, rows: slice):
+    """β·KL(π_θ‖π_T) per position of rows `rows`, over the vocabulary (`full`) or the student's
+    top-k (`topk`): logp_all (n, L, V) -> (n, L)."""
+    t = torch.stack([teacher_full[i] for i in range(rows.start, rows.stop)])
+    if cfg.loss == "full":
+        return cfg.beta * reverse_kl_full(logp_all, t)
+    return cfg.beta * reverse_kl_topk(logp_all, t, cfg.loss_topk)
 
-    def record_metrics(logp_all, rows):
-        idx = [i for i in range(rows.start, rows.stop) if i in kept]
-        if not idx:
-            return
-        s = logp_all[[i - rows.start for i in idx]].detach()
-        m = rollout.mask[idx]
-        if teacher_top is None:
-            t = torch.stack([teacher_full[i] for i in idx])
-            metric_sums["overlap"] += float((topk_overlap(s, t, cfg.overlap_k) * m).sum())
-            metric_sums["sym_kl"] += float((symmetric_kl(s, t) * m).sum())
-        else:
-            t = torch.stack([teacher_top[i] for i in idx])
-            metric_sums["overlap"] += float((overlap_of_ids(s.topk(cfg.overlap_k, dim=-1).indices, t) * m).sum())
-        metric_sums["n"] += float(m.sum())
-        stats["overlap"] = metric_sums["overlap"] / metric_sums["n"]
-        if teacher_top is None:
-            stats["sym_kl"] = metric_sums["sym_kl"] / metric_sums["n"]
 
+def opd_batch(rollout, teacher_lp, teacher_full: dict | None, cfg: OPDConfig) -> PGBatch:
+    """The OPD batch of a scored rollout: Â_t = β·δ_t for the surrogate (`sampled`), or the
+    exact reverse KL against teacher_full ({row: (L, V)}, every row) for `full` and `topk`."""
     if cfg.loss == "sampled":
-        surrogate = surrogate_loss(rollout, opd_advantages(rollout.logprobs, teacher_lp, cfg.beta), rl)
-
-        def token_loss(logp_all, rows):
-            record_metrics(logp_all, rows)
-            return surrogate(logp_all, rows)
-    elif cfg.loss in ("full", "topk"):
-        if teacher_top is not None:
-            raise ValueError(f"the {cfg.loss} OPD loss needs the teacher's full distribution")
-
-        def token_loss(logp_all, rows):
-            record_metrics(logp_all, rows)
-            t = torch.stack([teacher_full[i] for i in range(rows.start, rows.stop)])
-            if cfg.loss == "full":
-                return cfg.beta * reverse_kl_full(logp_all, t)
-            return cfg.beta * reverse_kl_topk(logp_all, t, cfg.loss_topk)
-    else:
+        return PGBatch(rollout, opd_advantages(rollout.logprobs, teacher_lp, cfg.beta))
+    if cfg.loss not in ("full", "topk"):
         raise ValueError(f"unknown OPD loss '{cfg.loss}' (sampled, full or topk)")
-    return PGBatch(rollout, token_loss), stats
+    if teacher_full is None:
+        raise ValueError(f"the {cfg.loss} OPD loss needs the teacher's full distribution")
+    return PGBatch(rollout, None, exact_loss=partial(exact_kl, teacher_full, cfg))
 
 
-def opd_batch(student, teachers: dict, proc, examples: list, rl: RLConfig, cfg: OPDConfig):
-    """Student rollouts on `examples`, each graded by teachers[example.domain]: (PGBatch, stats)."""
+def delta_stats(rollout, teacher_lp) -> dict:
+    """The mean δ_t per token (≈ −KL(π_θ‖π_T)) and the tokens the teacher graded."""
+    delta = (teacher_lp - rollout.logprobs) * rollout.mask
+    return {"opd_delta": float(delta.sum() / rollout.mask.sum()), "opd_tokens": int(rollout.mask.sum())}
+
+
+def rows_distance(student: dict, teacher: dict, mask, k: int) -> dict:
+    """`distance` over the rows both {row: (L, ·)} hold: the student's distribution at the
+    update's own forward against the teacher's distribution (or top-k ids)."""
+    rows = sorted(set(student) & set(teacher))
+    if not rows:
+        return {}
+    return distance(torch.stack([student[i] for i in rows]), torch.stack([teacher[i] for i in rows]), mask[rows], k)
+
+
+def opd_step(student, optimizer, teachers: dict, proc, examples: list, rl: RLConfig, cfg: OPDConfig) -> dict:
+    """One OPD update: student rollouts on `examples`, each graded by teachers[example.domain]
+    (static OPD: one teacher; MOPD: one per domain)."""
     missing = {ex.domain for ex in examples} - set(teachers)
     if missing:
         raise ValueError(f"no teacher for domain(s) {sorted(missing)}")
     rollout, domains = opd_rollout(student, proc, examples, rl, cfg)
-    teacher_lp, teacher_full = teacher_logprobs(teachers, proc, rollout, domains, rl, rows_to_keep(cfg, rollout))
-    return opd_loss(rollout, teacher_lp, teacher_full, rl, cfg)
+    teacher_lp, teacher_full = teacher_logprobs(teachers, proc, rollout, domains, rl, distribution_rows(cfg, rollout))
+    stats = delta_stats(rollout, teacher_lp)
+    result, (seen,) = update(student, optimizer, proc, [opd_batch(rollout, teacher_lp, teacher_full, cfg)], rl,
+                             measure_rows={0: set(teacher_full)})
+    stats.update(rows_distance(seen.get("student", {}), teacher_full, rollout.mask, cfg.overlap_k))
+    stats.update(result)
+    return stats
 
 
 @torch.no_grad()
-def divergence(student, teacher, proc, examples: list, rl: RLConfig, k: int = 10, samples: int = 2):
+def divergence(student, teacher, proc, examples: list, rl: RLConfig, k: int = 10, samples: int = 2) -> dict:
     """Top-k overlap and symmetric KL of two policies over the student's own rollouts."""
     prompts = [prompt_of(proc, ex) for ex in examples]
     rollout = generate(student, proc, prompts, samples, rl.sampling)
-    s = sampling_logprobs(response_logits(student, proc, rollout.prompts, rollout.response), rl.sampling, proc)
-    t = sampling_logprobs(response_logits(teacher, proc, rollout.prompts, rollout.response), rl.sampling, proc)
-    m, total = rollout.mask, rollout.mask.sum()
-    return {"overlap": float((topk_overlap(s, t, k) * m).sum() / total),
-            "sym_kl": float((symmetric_kl(s, t) * m).sum() / total)}
+    s = response_logprobs(student, proc, rollout.prompts, rollout.response, rl.sampling)
+    t = response_logprobs(teacher, proc, rollout.prompts, rollout.response, rl.sampling)
+    return distance(s, t, rollout.mask, k)

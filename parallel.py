@@ -27,14 +27,15 @@ raise PeerError (the collectives time out after --dist-timeout seconds) instead 
 import copy
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from copd import Scored, branch_seed, finish_step, student_side
-from opd import rows_to_keep, teacher_logprobs
+from config import Settings, UsageError
+from copd import PHASE_II, TeacherGrades, branch_batches, branch_seed, branch_update
+from opd import distribution_rows, teacher_logprobs
 from memory import clone_policy, folded
 from policy import prompt_of
 from rollout import Rollout
@@ -70,6 +71,21 @@ class Layout:
 
     def rank_of(self, branch: str, replica: int) -> int:
         return self.domains.index(branch) * self.replicas + replica
+
+
+def check_ranks(settings: Settings) -> Settings:
+    """Under torchrun: refuse what one branch per rank rules out; no checkpoints (one holds every
+    branch), and each rank on its own GPU."""
+    if settings.method not in ("copd", "copd@equal"):
+        raise UsageError(f"under torchrun only --method copd or copd@equal runs (its branches are what the ranks "
+                         f"split); run --method {settings.method} as one process")
+    if settings.resume:
+        raise UsageError("--resume is not available under torchrun: rerun, or run as one process")
+    if settings.preset.opd.loss != "sampled":
+        raise UsageError(f"--opd-loss {settings.preset.opd.loss} needs whole teacher distributions, which "
+                         "ranks do not exchange: use --opd-loss sampled under torchrun")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if settings.device.startswith("cuda") else settings.device
+    return replace(settings, ckpt_every=0, device=device)
 
 
 def start(domains: list, timeout_s: float) -> Layout:
@@ -142,9 +158,9 @@ def average_gradients(layout: Layout, model):
         offset += p.numel()
 
 
-def score_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, rl, opd) -> dict:
-    """Phase II's exchange. rollouts: {teacher domain: copd.OPDRollouts} of this rank's student.
-    Returns {teacher domain: copd.Scored} with the teacher's log-probs and top-k ids."""
+def grade_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, rl, opd) -> dict:
+    """Phase II's exchange. rollouts: {teacher domain: copd.NeighbourRollouts} of this rank's
+    student. Returns {teacher domain: copd.TeacherGrades} with the teacher's log-probs and top-k ids."""
     device = next(model.parameters()).device
     asks = [(j, r.prompt_idx, r.rollout.response.cpu(), r.rollout.mask.cpu()) for j, r in rollouts.items()]
     everyone = gather(asks, "the Phase II rollout exchange")
@@ -159,43 +175,53 @@ def score_for_others(layout: Layout, model, proc, pools: dict, rollouts: dict, r
             prompts = [prompt_of(proc, pools[j][i]) for i in idx]
             rollout = Rollout([p for p in prompts for _ in range(n)], response.to(device), None, mask.to(device), [], n)
             lp, full = teacher_logprobs({j: model}, proc, rollout, [j] * response.shape[0], rl,
-                                        rows_to_keep(opd, rollout))
+                                        distribution_rows(opd, rollout))
             top = {row: f.topk(opd.overlap_k, dim=-1).indices.cpu() for row, f in full.items()}
             answers[src] = (lp.cpu(), top)
     replies = gather(answers, "the return of teacher log-probs")
-    scored = {}
+    grades = {}
     for j, r in rollouts.items():
         lp, top = replies[layout.rank_of(j, layout.replica)][layout.rank]
-        scored[j] = Scored(r.rollout, lp.to(device), None, {row: t.to(device) for row, t in top.items()})
-    return scored
+        grades[j] = TeacherGrades(r.rollout, lp.to(device), None, {row: t.to(device) for row, t in top.items()})
+    return grades
 
 
 class RankBranches:
     """This rank's branch, with the calls of copd.Branches: `step` and `measure` return what
     every branch did (gathered from the ranks), `merge` the average of all of them."""
 
-    def __init__(self, layout: Layout, model0, links: dict, make_optimizer, name: str = "copd"):
-        self.layout, self.links, self.name = layout, links, name
+    def __init__(self, layout: Layout, model0, teachers_of: dict, make_optimizer, name: str, pools: dict):
+        self.layout, self.teachers_of, self.name = layout, teachers_of, name
+        self.pools = pools   # every rank holds the same prompt pools: prompts cross the wire as indices
         d = layout.branch
         self.models = {d: clone_policy(model0)}
         self.optimizers = {d: make_optimizer(self.models[d])}
 
-    def named(self) -> tuple:
+    def by_name(self) -> tuple:
         d = self.layout.branch
         return {f"{self.name}:{d}": self.models[d]}, {f"{self.name}:{d}": self.optimizers[d]}
 
-    def step(self, proc, pools: dict, phase: str, rl, opd, step_seed) -> dict:
-        """This rank's share of copd.Branches.step: same batches, same update, for its branch only."""
-        layout, d = self.layout, self.layout.branch
-        if phase == "opd" and opd.loss != "sampled":
+    def sample(self, proc, pools: dict, phase: str, rl, opd, step_seed) -> dict:
+        """This rank's share of copd.Branches.sample: the same batches, for its branch only."""
+        d = self.layout.branch
+        if phase == PHASE_II and opd.loss != "sampled":
             raise ValueError(f"across ranks CoPD sends per-token teacher log-probs only: the {opd.loss} "
                              "OPD loss needs whole distributions (use --opd-loss sampled)")
-        model, optimizer = self.models[d], self.optimizers[d]
-        side = student_side(model, d, proc, pools, phase, self.links, rl, opd, branch_seed(step_seed, d, layout.replica))
-        scored = score_for_others(layout, model, proc, pools, side.rollouts, rl, opd) if phase == "opd" else {}
+        return {d: branch_batches(self.models[d], d, proc, pools, phase, self.teachers_of, rl, opd,
+                                  branch_seed(step_seed, d, self.layout.replica))}
+
+    def grade(self, proc, own: dict, rl, opd) -> dict:
+        """Phase II's exchange (`grade_for_others`): this rank grades the rollouts addressed to its
+        branch and receives the grades of its own rollouts."""
+        d = self.layout.branch
+        return {d: grade_for_others(self.layout, self.models[d], proc, self.pools, own[d].neighbour_rollouts, rl, opd)}
+
+    def update(self, proc, own: dict, grades: dict, rl, opd) -> dict:
+        """This rank's branch takes its update; every rank learns every branch's statistics."""
+        layout, d = self.layout, self.layout.branch
         sync = (lambda m: average_gradients(layout, m)) if layout.replicas > 1 else None
-        own = finish_step(model, optimizer, proc, side, scored, rl, opd, sync)
-        return {b: s for b, r, s in gather((d, layout.replica, own), "the step's statistics") if r == 0}
+        stats = branch_update(self.models[d], self.optimizers[d], proc, own[d], grades[d], rl, opd, sync)
+        return {b: s for b, r, s in gather((d, layout.replica, stats), "the step's statistics") if r == 0}
 
     def measure(self, measure, models: dict) -> dict:
         """A branch is measured by its first replica, any other model (the merge) by rank 0;
@@ -205,7 +231,7 @@ class RankBranches:
                 if (self.layout.replica == 0 if name == own else self.layout.rank == 0)}
         return {name: accs for part in gather(mine, "an evaluation") for name, accs in part.items()}
 
-    def probes(self, model0) -> list:
+    def divergence_pairs(self, model0) -> list:
         """None: the probes need two branches in one process; across ranks the OPD batches' own
         overlap (overlap_from_* in the step's statistics) is the measure."""
         return []

@@ -3,20 +3,23 @@ RLVR with GRPO (the paper's Phase I, Eq. 7): sample G responses per prompt from 
 them with the domain's verifier, normalise rewards within each group, and take ONE clipped
 policy-gradient step per rollout batch. No KL term by default (CoPD's runs use none).
 
-The pieces: `group_advantages` and `clipped_surrogate` (the equations), `loss_weights` (how
-token losses are averaged), `backward_tokens` (teacher-forced forward + backward in micro-
-batches, shared with OPD and CoPD, which bring token advantages of their own), `grpo_batch`
-(sample + reward + advantages) and `rlvr_step` (one update).
+The pieces: `group_advantages`, `clipped_surrogate` and `k3_kl` (the equations, tensor in,
+tensor out), `loss_weights` (how token losses are averaged), `PGBatch` and `update` (one
+optimizer step on one or more batches in micro-batches, shared with OPD and CoPD, which bring
+token advantages of their own), `grpo_batch` (sample + reward + advantages) and `rlvr_step`.
+
+Shapes: N rows (prompts × G), L response positions, V the vocabulary.
 """
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from policy import prompt_of
-from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
-from verifiers import grade
+from rollout import Rollout, SamplingConfig, generate, response_logprobs, token_logprobs
+from verifiers import score
 
 
 @dataclass
@@ -50,7 +53,7 @@ def group_advantages(rewards, kind: str = "grpo"):
 def clipped_surrogate(logp, old_logp, advantages, eps_low: float, eps_high: float):
     """ℓ_{i,t} = −min(ρ_{i,t} Â_{i,t}, clip(ρ_{i,t}, 1−ε_low, 1+ε_high) Â_{i,t}),
     ρ_{i,t} = π_θ(y_{i,t} | x, y_{i,<t}) / π_old(y_{i,t} | x, y_{i,<t}).
-    All (N, T); Â is a constant (detached). Returns (ℓ, where the clip is active)."""
+    All (N, L); Â is a constant (detached). Returns (ℓ, where the clip is active)."""
     advantages = advantages.detach()
     ratio = torch.exp(logp - old_logp.detach())
     unclipped = ratio * advantages
@@ -84,40 +87,68 @@ def loss_weights(masks: list, agg: str = "token", max_len: int | None = None):
 
 
 # -----------------------------------------------------------------------------
-# forward + backward, shared by RLVR, OPD and CoPD
-
-def backward_tokens(model, proc, rollout, weights, cfg: RLConfig, token_loss):
-    """Teacher-forced forward of the rollout in micro-batches and backward of Σ w·ℓ.
-    token_loss(logp_all, rows) -> (ℓ (n, T), stats dict) where logp_all (n, T, V) is the
-    current policy's sampling distribution at each response position. Returns summed loss."""
-    total = 0.0
-    N = rollout.response.shape[0]
-    for start in range(0, N, cfg.micro_batch):
-        rows = slice(start, min(N, start + cfg.micro_batch))
-        logits = response_logits(model, proc, rollout.prompts[rows], rollout.response[rows])
-        logp_all = sampling_logprobs(logits, cfg.sampling, proc)
-        loss_tokens = token_loss(logp_all, rows)
-        loss = (loss_tokens * weights[rows]).sum()
-        loss.backward()
-        total += loss.item()
-    return total
-
+# one update on one or more batches, shared by RLVR, OPD and CoPD
 
 @dataclass
 class PGBatch:
-    """One rollout and the per-token loss it contributes to an update."""
-    rollout: object
-    token_loss: object        # (logp_all (n, T, V), rows slice) -> ℓ (n, T)
+    """One rollout and what each of its tokens is trained toward."""
+    rollout: Rollout
+    advantages: torch.Tensor | None          # (N, L) Â_{i,t}, constants, 0 past each response
+    ref_logp: torch.Tensor | None = None     # (N, L) log π_ref(y_t), for the optional k3 term
+    exact_loss: Callable | None = None       # OPD's full / top-k reverse KL instead of the surrogate:
+                                             # (logp_all (n, L, V), rows slice) -> ℓ (n, L)
 
 
-def update(model, optimizer, proc, batches: list, cfg: RLConfig, sync_grads=None) -> dict:
+def token_loss(batch: PGBatch, logp_all, rows: slice, cfg: RLConfig):
+    """ℓ_{i,t} of the rows `rows` of `batch`, given the current policy's log π(·|s_t), logp_all
+    (n, L, V). Returns (ℓ (n, L), where the clip is active (n, L), or None for an exact loss)."""
+    if batch.exact_loss is not None:
+        return batch.exact_loss(logp_all, rows), None
+    r = batch.rollout
+    mask = r.mask[rows]
+    logp = torch.where(mask > 0, token_logprobs(logp_all, r.response[rows]), 0.0)
+    loss, clipped = clipped_surrogate(logp, r.logprobs[rows], batch.advantages[rows], cfg.eps_low, cfg.eps_high)
+    if batch.ref_logp is not None and cfg.kl_coef > 0:
+        loss = loss + cfg.kl_coef * k3_kl(logp, batch.ref_logp[rows])
+    return loss, clipped
+
+
+def backward_tokens(model, proc, batch: PGBatch, weights, cfg: RLConfig, measure_rows=()) -> tuple:
+    """Teacher-forced forward of the batch in micro-batches and backward of Σ w·ℓ. Returns
+    (the summed loss, what it measured on the way: {"clip_frac"} for a surrogate batch, and
+    {"student": {row: log π_θ(·|s_t) (L, V)}} for each row in `measure_rows`, detached)."""
+    total, seen = 0.0, {}
+    r = batch.rollout
+    N = r.response.shape[0]
+    for start in range(0, N, cfg.micro_batch):
+        rows = slice(start, min(N, start + cfg.micro_batch))
+        logp_all = response_logprobs(model, proc, r.prompts[rows], r.response[rows], cfg.sampling)
+        loss_tokens, clipped = token_loss(batch, logp_all, rows, cfg)
+        loss = (loss_tokens * weights[rows]).sum()
+        loss.backward()
+        total += loss.item()
+        if clipped is not None:
+            seen["clip_frac"] = seen.get("clip_frac", 0.0) + float((clipped * r.mask[rows]).sum() / r.mask.sum())
+        measured = [i for i in range(rows.start, rows.stop) if i in measure_rows]
+        if measured:
+            seen.setdefault("student", {}).update({i: logp_all[i - start].detach() for i in measured})
+    return total, seen
+
+
+def update(model, optimizer, proc, batches: list, cfg: RLConfig, sync_grads=None, measure_rows=None) -> tuple:
     """ONE optimizer step on the weighted sum of every batch's token losses. A non-finite
     loss or gradient skips the step (the caller decides when to give up). `sync_grads(model)`
-    runs between backward and step (data-parallel replicas average their gradients there)."""
+    runs between backward and step (data-parallel replicas average their gradients there).
+    `measure_rows`: {batch index: rows whose student distribution the caller measures}.
+    Returns ({"loss", "grad_norm", "skipped"}, [what backward_tokens measured, per batch])."""
     weights = loss_weights([b.rollout.mask for b in batches], cfg.loss_agg, cfg.sampling.max_new_tokens)
     optimizer.zero_grad(set_to_none=True)
     model.train()
-    loss = sum(backward_tokens(model, proc, b.rollout, w, cfg, b.token_loss) for b, w in zip(batches, weights))
+    loss, seen = 0, []
+    for i, (b, w) in enumerate(zip(batches, weights)):
+        part, measured = backward_tokens(model, proc, b, w, cfg, (measure_rows or {}).get(i, ()))
+        loss += part
+        seen.append(measured)
     model.eval()
     if sync_grads is not None:
         sync_grads(model)
@@ -126,40 +157,15 @@ def update(model, optimizer, proc, batches: list, cfg: RLConfig, sync_grads=None
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "skipped": not finite}
+    return {"loss": loss, "grad_norm": grad_norm, "skipped": not finite}, seen
 
 
 # -----------------------------------------------------------------------------
 # GRPO
 
-def score(texts: list, examples: list, group_size: int):
-    """Rewards r_i and correctness for responses laid out as G per example."""
-    rewards, correct = [], []
-    for i, text in enumerate(texts):
-        ex = examples[i // group_size]
-        r, ok = grade(text, ex.answer, ex.verifier)
-        rewards.append(r)
-        correct.append(ok)
-    return torch.tensor(rewards), torch.tensor(correct, dtype=torch.float)
-
-
-def surrogate_loss(rollout, advantages, cfg: RLConfig, ref_logp=None, stats=None):
-    """The clipped surrogate (+ optional k3 KL) as a token_loss for `update`; advantages (N, T)."""
-    def token_loss(logp_all, rows):
-        mask = rollout.mask[rows]
-        logp = torch.where(mask > 0, token_logprobs(logp_all, rollout.response[rows]), 0.0)
-        loss, clipped = clipped_surrogate(logp, rollout.logprobs[rows], advantages[rows],
-                                          cfg.eps_low, cfg.eps_high)
-        if ref_logp is not None and cfg.kl_coef > 0:
-            loss = loss + cfg.kl_coef * k3_kl(logp, ref_logp[rows])
-        if stats is not None:
-            stats["clip_frac"] = stats.get("clip_frac", 0.0) + float((clipped * mask).sum() / rollout.mask.sum())
-        return loss
-    return token_loss
-
-
 def grpo_batch(model, proc, examples: list, cfg: RLConfig, ref_model=None):
-    """Sample G responses per prompt, reward, Â (broadcast over tokens). Returns (PGBatch, stats)."""
+    """Sample G responses per prompt, reward them, Â_i broadcast over tokens (Eq. 7).
+    Returns (PGBatch, stats)."""
     prompts = [prompt_of(proc, ex) for ex in examples]
     rollout = generate(model, proc, prompts, cfg.group_size, cfg.sampling)
     rewards, correct = score(rollout.texts, examples, cfg.group_size)
@@ -168,21 +174,23 @@ def grpo_batch(model, proc, examples: list, cfg: RLConfig, ref_model=None):
     ref_logp = None
     if ref_model is not None and cfg.kl_coef > 0:
         with torch.no_grad():
-            logits = response_logits(ref_model, proc, rollout.prompts, rollout.response)
-            ref_logp = token_logprobs(sampling_logprobs(logits, cfg.sampling, proc), rollout.response)
+            ref_logp = token_logprobs(response_logprobs(ref_model, proc, rollout.prompts, rollout.response, cfg.sampling),
+                                      rollout.response)
     stats = {
         "reward": rewards.mean().item(), "train_acc": correct.mean().item(),
         "response_len": rollout.mask.sum(-1).mean().item(),
         "zero_signal_frac": (groups.std(-1) < 1e-6).float().mean().item(),
         "tokens": int(rollout.mask.sum()),
     }
-    return PGBatch(rollout, surrogate_loss(rollout, adv, cfg, ref_logp, stats)), stats
+    return PGBatch(rollout, adv, ref_logp), stats
 
 
 def rlvr_step(model, optimizer, proc, examples: list, cfg: RLConfig, ref_model=None) -> dict:
     """One GRPO step: one rollout batch, one update."""
     batch, stats = grpo_batch(model, proc, examples, cfg, ref_model)
-    stats.update(update(model, optimizer, proc, [batch], cfg))
+    result, (seen,) = update(model, optimizer, proc, [batch], cfg)
+    stats.update(seen)
+    stats.update(result)
     return stats
 
 
@@ -194,7 +202,7 @@ def grad_cosine(model, proc, examples: dict, cfg: RLConfig) -> dict:
         batch, _ = grpo_batch(model, proc, exs, cfg)
         model.zero_grad(set_to_none=True)
         w = loss_weights([batch.rollout.mask], cfg.loss_agg)[0]
-        backward_tokens(model, proc, batch.rollout, w, cfg, batch.token_loss)
+        backward_tokens(model, proc, batch, w, cfg)
         grads[d] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
                               for p in model.parameters()])
         model.zero_grad(set_to_none=True)

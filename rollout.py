@@ -309,6 +309,12 @@ def response_logits(model, proc, prompts: list, response):
     return torch.cat([first, rest], dim=1)
 
 
+def response_logprobs(model, proc, prompts: list, response, cfg: SamplingConfig):
+    """Teacher-forced log π(·|x, y_<t) at every response position, as sampled: (N, L, V).
+    The one scorer of the trainer (differentiable), the teachers and the probes (under no_grad)."""
+    return sampling_logprobs(response_logits(model, proc, prompts, response), cfg, proc)
+
+
 def full_response_logits(model, proc, prompts: list, response, positions=None):
     """The same logits from one forward over prompt + response for every row (the reference
     the shared-prefill path is tested against; the warm start's rows never share a prompt, and

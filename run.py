@@ -1,6 +1,6 @@
 """
 The state one invocation of train.py carries from its first step to its last: the prompt pools,
-evaluation, the metrics log, the learning-rate schedule, the non-finite guard, and the
+the evaluations, the metrics log, the non-finite guard, the finished stages, and the
 checkpoints that let a killed run resume exactly (checkpoint.py writes the files).
 
 train.py's loops call, per step: `set_lr` → their update → `log` → `check_finite` → (every
@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from copd import branch_seed
+from evaluate import accuracy
 from memory import clone_policy
-from policy import encode_prompt, prompt_of
-from rlvr import score
-from rollout import SamplingConfig, generate, prefill
+from optim import adamw, learning_rate, set_lr
+from policy import encode_prompt
 from tasks import load_domain
 
 MAX_SKIPPED_IN_A_ROW = 5
@@ -32,78 +32,40 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. non-finite losses): printed as one line, exit code 3."""
 
 
-# -----------------------------------------------------------------------------
-# the learning rate: one cosine for every loop and for the warm start
-
-def cosine(progress: float, floor: float) -> float:
-    """The factor floor + (1 − floor)·½(1 + cos(π·progress)): 1 at progress 0, `floor` at 1."""
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def learning_rate(peak: float, step: int, total: int, schedule: str = "cosine", min_frac: float = 0.1) -> float:
-    """η_t of update t = 1..total. cosine: η at the first update and min_frac·η at the last;
-    constant: η. Why decay: at a constant η the tiny policy's greedy answers keep flipping
-    (held-out text accuracy swung ±8 points between evals 50 steps apart), and the last weights
-    are the ones reported."""
-    if schedule == "constant" or total <= 1:
-        return peak
-    return peak * cosine((step - 1) / (total - 1), min_frac)
-
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-@torch.no_grad()
-def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256) -> dict:
-    """Held-out accuracy: greedy, and the mean over `samples` sampled responses, both decoded
-    from one prefill."""
-    greedy, sampled = [], []
-    for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
-        encoded = [prompt_of(proc, ex) for ex in chunk]
-        state = prefill(model, proc, encoded) if samples else None
-        greedy.append(score(generate(model, proc, encoded, 1, sampling, greedy=True, prefilled=state).texts, chunk, 1)[1])
-        if samples:
-            sampled.append(score(generate(model, proc, encoded, samples, sampling, prefilled=state).texts, chunk, samples)[1])
-    out = {"greedy": float(torch.cat(greedy).mean())}
-    if samples:
-        out["sampled"] = float(torch.cat(sampled).mean())
-    return out
-
-
 class Run:
     """Everything one invocation shares: π_0, data, the log, and the results so far.
     `writer`: under torchrun every rank keeps the same results and rank 0 alone writes them."""
 
-    def __init__(self, args, preset, model0, proc, writer: bool = True, settings: dict | None = None):
-        self.args, self.p, self.model0, self.proc, self.writer = args, preset, model0, proc, writer
-        self.settings = settings or {}     # the flags that define the run, recorded in every checkpoint
-        self.domains = args.experts
-        self.rng = random.Random(args.seed)
-        self.train = {d: load_domain(d, "train", preset.train_pool, args.seed, preset.difficulty, args.data)
-                      for d in self.domains}
-        self.heldout = {d: load_domain(d, "heldout", preset.eval_size, args.seed, preset.difficulty, args.data)
+    def __init__(self, settings, model0, proc, writer: bool = True):
+        self.settings, self.preset = settings, settings.preset
+        self.model0, self.proc, self.writer = model0, proc, writer
+        self.domains = list(settings.experts)
+        self.rng = random.Random(settings.seed)
+        preset, seed, data = settings.preset, settings.seed, settings.data
+        self.train_pool = {d: load_domain(d, "train", preset.train_pool, seed, preset.difficulty, data)
+                           for d in self.domains}
+        self.heldout = {d: load_domain(d, "heldout", preset.eval_size, seed, preset.difficulty, data)
                         for d in self.domains}
         # built-in prompts encoded once, for every step and eval that draws them (policy.prompt_of);
         # a user's pictures could take gigabytes at once
         for d in self.domains:
-            if d not in args.data:
-                for ex in self.train[d] + self.heldout[d]:
+            if d not in data:
+                for ex in self.train_pool[d] + self.heldout[d]:
                     ex.encoded = encode_prompt(proc, ex.prompt, ex.image, ex.video)
         self.results, self.curves, self.divergence = {}, {}, {}
         self.skipped_in_a_row = {}
         self.completed, self.models = [], {}     # finished stages; finished models later stages need
         self.resume, self.lines = None, 0
         self.t0 = self.stage_t0 = time.time()
-        metrics = os.path.join(args.out, "metrics.jsonl")
-        if args.resume:
+        metrics = os.path.join(settings.out, "metrics.jsonl")
+        if settings.resume:
             self._load_checkpoint(metrics)
         self.log_file = open(metrics if writer else os.devnull, "a" if self.resume else "w")
 
     # -- prompts
 
     def prompts(self, domain: str, n: int) -> list:
-        return [self.rng.choice(self.train[domain]) for _ in range(n)]
+        return [self.rng.choice(self.train_pool[domain]) for _ in range(n)]
 
     def mixed_prompts(self, n: int) -> list:
         """An equal share of each domain (the union D_1 ∪ … ∪ D_K)."""
@@ -134,33 +96,30 @@ class Run:
                                 f"loss or gradient (last at step {step}); stopping")
 
     def optimizer(self, model):
-        trainable = [p for p in model.parameters() if p.requires_grad]   # with LoRA: the adapters
-        return torch.optim.AdamW(trainable, lr=self.p.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        return adamw(model, self.preset.lr)
 
     def set_lr(self, opts, step: int, total: int) -> float:
         """Every loop (an expert, mixed, OPD, MOPD, CoPD's branches) decays over its own `total`
         updates. A function of the step, not a scheduler's state, so a resumed run agrees."""
-        lr = learning_rate(self.p.lr, step, total, self.p.lr_schedule, self.p.min_lr_frac)
-        for opt in opts:
-            for group in opt.param_groups:
-                group["lr"] = lr
+        lr = learning_rate(self.preset.lr, step, total, self.preset.lr_schedule, self.preset.min_lr_frac)
+        set_lr(opts, lr)
         return lr
 
     # -- evaluation
 
-    def evaluate(self, models: dict, step: int, final: bool = False, team=None) -> dict:
+    def evaluate(self, models: dict, step: int, final: bool = False, branches=None) -> dict:
         """Held-out accuracy of each {name: model} on every domain: logged, kept for the curves,
         returned as {name: {domain: {"greedy", "sampled"?}}}. The final eval uses the larger set
-        and sampled responses too. `team` (copd.Branches or parallel.RankBranches) decides which
-        process measures which model; every process learns every result."""
+        and sampled responses too. `branches` (copd.Branches or parallel.RankBranches) decides
+        which process measures which model; every process learns every result."""
         def measure(name, model):
-            size = self.p.eval_size if final else self.p.curve_eval_size
+            size = self.preset.eval_size if final else self.preset.curve_eval_size
             # its own seed: the same samples whichever process evaluates
-            torch.manual_seed(branch_seed(f"{self.args.seed}:eval:{step}:{final}", name))
-            return {d: accuracy(model, self.proc, self.heldout[d][:size], self.p.rl.sampling,
-                                self.p.eval_samples if final else 0)
+            torch.manual_seed(branch_seed(f"{self.settings.seed}:eval:{step}:{final}", name))
+            return {d: accuracy(model, self.proc, self.heldout[d][:size], self.preset.rl.sampling,
+                                self.preset.eval_samples if final else 0)
                     for d in self.domains}
-        results = team.measure(measure, models) if team else {n: measure(n, m) for n, m in models.items()}
+        results = branches.measure(measure, models) if branches else {n: measure(n, m) for n, m in models.items()}
         for name, accs in results.items():
             self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)
             if not final:   # the final eval uses a larger set: it would put a jump at the curve's end
@@ -179,7 +138,7 @@ class Run:
         self.results[method] = row
         self.results.setdefault("_wall_s", {})[method] = round(time.time() - self.stage_t0, 1)
         # the binomial standard error of each accuracy, over the distinct problems evaluated
-        problems = {d: len(self.heldout[d][:self.p.eval_size]) for d in accs}
+        problems = {d: len(self.heldout[d][:self.preset.eval_size]) for d in accs}
         self.results["_eval_problems"] = problems
         self.results.setdefault("_stderr", {})[method] = {
             d: round(math.sqrt(a["greedy"] * (1 - a["greedy"]) / problems[d]), 4) for d, a in accs.items()}
@@ -188,10 +147,10 @@ class Run:
 
     # -- stages, checkpoints and resuming
 
-    def todo(self, stage: str) -> bool:
+    def pending(self, stage: str) -> bool:
         return stage not in self.completed
 
-    def done(self, stage: str, **keep):
+    def finish(self, stage: str, **keep):
         """Mark a stage finished, keeping the models that later stages need."""
         self.models.update(keep)
         self.completed.append(stage)
@@ -213,26 +172,26 @@ class Run:
 
     def end_of_step(self, loop: str, step: int, models: dict, optimizers: dict, where: str = ""):
         """Checkpoint every --ckpt-every steps of any loop."""
-        every = self.args.ckpt_every
+        every = self.settings.ckpt_every
         if not every or step % every:
             return
-        save_checkpoint(self.args.out, {
+        save_checkpoint(self.settings.out, {
             "loop": loop, "step": step, "where": where or f"{loop} step {step}",
             "completed": list(self.completed), "models": {k: m.state_dict() for k, m in self.models.items()},
             "loop_models": {k: m.state_dict() for k, m in models.items()},
             "loop_optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "rng": rng_state(self.rng), "results": self.results, "curves": self.curves,
             "divergence": self.divergence, "skipped": self.skipped_in_a_row, "metrics_lines": self.lines,
-            "settings": self.settings, "stage_seconds": time.time() - self.stage_t0})
+            "settings": self.settings.recorded(), "stage_seconds": time.time() - self.stage_t0})
 
     def _load_checkpoint(self, metrics: str):
-        path, snap, unreadable = load_latest(self.args.out)
+        path, snap, unreadable = load_latest(self.settings.out)
         for bad in unreadable:   # renamed, so the run's own checkpointing never keeps it over a good one
             print(f"warning: {bad} is unreadable (truncated or corrupt); kept as {bad}.unreadable", file=sys.stderr)
             if self.writer:
                 os.replace(bad, bad + ".unreadable")
         if snap is None:
-            print(f"no checkpoint in {self.args.out}: starting from the beginning")
+            print(f"no checkpoint in {self.settings.out}: starting from the beginning")
             return
         print(f"resuming from {path}, {snap['where']}")
         self.resume = snap

@@ -275,3 +275,17 @@ def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, dat
         cut = max(1, int(len(rows) * (1 - HELD_OUT_FRACTION)))
         return (rows[:cut] if split == "train" else rows[cut:])[:n]
     return builtin_examples(domain, split, n, seed, difficulty)
+
+
+def check_prompt_lengths(data: dict, count_tokens, limit: int):
+    """Every prompt of every --data file (its rows were validated before π_0 loaded) within
+    `limit` tokens, as `count_tokens(text)` counts them."""
+    for domain, path in data.items():
+        for ex in load_jsonl(path, domain):   # every row, whichever split it falls in
+            n = count_tokens(ex.prompt[:20 * limit])   # a prefix first: a 10 MB prompt is refused in a moment
+            if n <= limit < len(ex.prompt) // 20:
+                n = count_tokens(ex.prompt)
+            if n > limit:
+                raise DataError(f"{ex.source}: the prompt is {'at least ' if len(ex.prompt) > 20 * limit else ''}"
+                                f"{n} tokens, over the limit of {limit} (the model's context minus "
+                                "--max-new-tokens, or --max-prompt-tokens)")

@@ -12,12 +12,14 @@ domain -> held-out greedy accuracy, with "average"), OUT/results.md (the table, 
 seed) and OUT/curves.png.
 
 Where this implementation departs from the paper, on purpose:
-- Learning rate: AdamW at η = 2e-4 decaying along a cosine to 0.1·η over each loop (the paper:
-  1e-6, constant). The tiny policy learns nothing at 1e-6, and at a constant η its greedy
-  answers keep flipping; `--lr 1e-6 --lr-schedule constant` is the paper's setting.
+- Learning rate: AdamW (β = (0.9, 0.99), no weight decay) at η = 2e-4 decaying along a cosine to
+  0.1·η over each loop (the paper: 1e-6, constant). The tiny policy learns nothing at 1e-6, and
+  at a constant η its greedy answers keep flipping; `--lr 1e-6 --lr-schedule constant` is the
+  paper's setting.
 - Scale: a 0.5M-parameter Qwen2.5-VL built from a config and warm-started on built-in tasks
   (the paper: Qwen3-VL-4B-Instruct on public benchmarks); 16 prompts x G = 8 per step on CPU
-  (the paper: 256 x 8); OPD 8 prompts x 8 samples; T = 300 steps per expert.
+  (the paper: 256 x 8); OPD 8 prompts x 8 samples; T = 300 steps per expert (200 with three),
+  K·T ≤ 600.
 - Loss aggregation: token-mean over the whole batch (the paper averages per sequence, then per
   group: `--loss-agg seq`); token-mean avoids the length bias, as TRL and verl default to.
 - Unstated in the paper, so chosen here: β = 1 in Â_t = β·δ_t (`--opd-beta`; opd.OPDConfig
@@ -38,191 +40,214 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 
 import parallel
 from checkpoint import list_checkpoints
-from config import UsageError, check_data, load_base, parse_args, settings, stages, start_ranks, validate
-from copd import Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
-from opd import divergence, opd_batch
+from config import METHODS, UsageError, parse_args, validate
+from copd import PHASE_I, PHASE_II, Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
 from memory import clone_policy, memory_plan
+from opd import divergence, opd_step
 from policy import encode_prompt
 from report import budgets, describe_lr, results_table, write_results
-from rlvr import grad_cosine, rlvr_step, update
+from rlvr import grad_cosine, rlvr_step
 from run import Run, TrainingError
-from tasks import DataError, load_domain
+from tasks import DataError, check_prompt_lengths, load_domain
+from warmstart import ModelError, load_pi0
 
 
 # -----------------------------------------------------------------------------
-# RLVR: one expert per domain, or mixed RLVR on their union (the paper's Eq. 7)
+# one model, trained by a fixed loop: every expert, mixed RLVR, static OPD, MOPD
 
-def train_rlvr(run: Run, name: str, model, domains: list, steps: int):
-    """GRPO on the union of `domains` (one domain: an expert; all of them: mixed RLVR)."""
+def train_loop(run: Run, name: str, model, steps: int, step, desc: str):
+    """`steps` updates of `step(model, optimizer) -> stats`, with the evals, the log, the
+    non-finite guard and the checkpoints; resumes where a checkpoint left the loop."""
     opt = run.optimizer(model)
     start = run.begin_loop(name, {name: model}, {name: opt})
     if start == 0:
         run.evaluate({name: model}, 0)
-    for step in run.progress(range(start + 1, steps + 1), initial=start, total=steps, desc=f"{name} (GRPO)"):
-        examples = run.prompts(domains[0], run.p.rl.prompts_per_step) if len(domains) == 1 \
-            else run.mixed_prompts(run.p.rl.prompts_per_step)
-        lr = run.set_lr([opt], step, steps)
-        stats = rlvr_step(model, opt, run.proc, examples, run.p.rl)
-        run.log(kind="train", model=name, step=step, lr=lr, **stats)
-        run.check_finite(name, step, stats)
-        if step % run.p.eval_every == 0 or step == steps:
-            run.evaluate({name: model}, step)
-        run.end_of_step(name, step, {name: model}, {name: opt})
+    for t in run.progress(range(start + 1, steps + 1), initial=start, total=steps, desc=f"{name} ({desc})"):
+        lr = run.set_lr([opt], t, steps)
+        stats = step(model, opt)
+        run.log(kind="train", model=name, step=t, lr=lr, **stats)
+        run.check_finite(name, t, stats)
+        if t % run.preset.eval_every == 0 or t == steps:
+            run.evaluate({name: model}, t)
+        run.end_of_step(name, t, {name: model}, {name: opt})
     return model
 
 
-def train_experts(run: Run) -> dict:
+def rlvr(run: Run, domains: list):
+    """A GRPO step on the union of `domains` (Eq. 7): one domain, an expert; all, mixed RLVR."""
+    n = run.preset.rl.prompts_per_step
+    return lambda model, opt: rlvr_step(model, opt, run.proc, run.prompts(domains[0], n) if len(domains) == 1
+                                        else run.mixed_prompts(n), run.preset.rl)
+
+
+def distill(run: Run, teachers: dict, domains: list):
+    """An OPD step from fixed teachers {domain: model}, each on its own domain's prompts (Eq. 1/4)."""
+    n = run.preset.opd.prompts_per_step
+    return lambda model, opt: opd_step(model, opt, teachers, run.proc, run.prompts(domains[0], n) if len(domains) == 1
+                                       else run.mixed_prompts(n), run.preset.rl, run.preset.opd)
+
+
+def stage(run: Run, name: str, train, steps: int, keep: bool = False):
+    """One trained model as a stage: `train()`, its final evaluation into the results, and the
+    stage marked finished (a resumed run skips it; `keep`: later stages need the model)."""
+    if run.pending(name):
+        model = train()
+        run.record(name, run.evaluate({name: model}, steps, final=True)[name], steps)
+        run.finish(name, **({name: model} if keep else {}))
+
+
+def log_divergence(run: Run, method: str, step: int, student, teacher, pair: str, domain: str):
+    """Top-k overlap (Eq. 6) and symmetric KL of two policies on the student's own rollouts."""
+    examples = run.heldout[domain][:run.preset.divergence_prompts]
+    div = divergence(student, teacher, run.proc, examples, run.preset.rl, run.preset.opd.overlap_k)
+    run.log(kind="divergence", method=method, pair=pair, step=step, **div)
+    run.divergence.setdefault(method, {}).setdefault(pair, []).append((step, div))
+
+
+# -----------------------------------------------------------------------------
+# the baselines
+
+def base_stage(run: Run, layout=None):
+    """π_0's evaluation; before mixed RLVR, also the gradient conflict between the domains on π_0."""
+    if run.pending("base"):
+        run.record("base", run.evaluate({"base": run.model0}, 0, final=True)["base"])
+        if len(run.domains) >= 2 and "mixed" in METHODS[run.settings.method].stages:
+            prompts = {d: run.prompts(d, run.preset.rl.prompts_per_step) for d in run.domains}
+            run.results["_grad_cosine"] = grad_cosine(clone_policy(run.model0), run.proc, prompts, run.preset.rl)
+        run.finish("base")
+
+
+def train_experts(run: Run, layout=None) -> dict:
     """One GRPO expert per domain, each a stage of its own (so a resumed run keeps them)."""
-    T = run.p.steps
+    T = run.preset.steps
     for d in run.domains:
         name = f"expert:{d}"
-        if run.todo(name):
-            expert = train_rlvr(run, name, clone_policy(run.model0), [d], T)
-            run.record(name, run.evaluate({name: expert}, T, final=True)[name], T)
-            run.done(name, **{name: expert})
+        stage(run, name, lambda: train_loop(run, name, clone_policy(run.model0), T, rlvr(run, [d]), "GRPO"), T, keep=True)
     experts = {d: run.models[f"expert:{d}"] for d in run.domains}
-    if run.todo("experts"):
+    if run.pending("experts"):
         for a, b in [(a, b) for a in run.domains for b in run.domains if a < b]:
             # the drift of independently trained experts, for contrast with CoPD's branches
             log_divergence(run, "experts", T, experts[a], experts[b], f"{a}~{b}", a)
         for d in run.domains:
             log_divergence(run, "experts", T, experts[d], run.model0, f"{d}~base", d)
-        diag = {d: run.results[f"expert:{d}"][d] for d in run.domains}   # each expert on its own domain
-        run.results["experts" if run.args.method != "rlvr" else "rlvr"] = {
-            **diag, "average": round(sum(diag.values()) / len(diag), 4)}
-        run.done("experts")
+        own = {d: run.results[f"expert:{d}"][d] for d in run.domains}   # each expert on its own domain
+        run.results["experts" if run.settings.method != "rlvr" else "rlvr"] = {
+            **own, "average": round(sum(own.values()) / len(own), 4)}
+        run.finish("experts")
     return experts
 
 
-# -----------------------------------------------------------------------------
-# static OPD and MOPD: fixed teachers, no reward (the paper's Eq. 1/4)
-
-def train_distill(run: Run, name: str, student, teachers: dict, domains: list, steps: int):
-    """The student learns from fixed teachers {domain: model}, each on its own domain's prompts."""
-    opt = run.optimizer(student)
-    start = run.begin_loop(name, {name: student}, {name: opt})
-    if start == 0:
-        run.evaluate({name: student}, 0)
-    n = run.p.opd.prompts_per_step
-    for step in run.progress(range(start + 1, steps + 1), initial=start, total=steps, desc=f"{name} (OPD)"):
-        examples = run.prompts(domains[0], n) if len(domains) == 1 else run.mixed_prompts(n)
-        lr = run.set_lr([opt], step, steps)
-        batch, stats = opd_batch(student, teachers, run.proc, examples, run.p.rl, run.p.opd)
-        stats.update(update(student, opt, run.proc, [batch], run.p.rl))
-        run.log(kind="train", model=name, step=step, lr=lr, **stats)
-        run.check_finite(name, step, stats)
-        if step % run.p.eval_every == 0 or step == steps:
-            run.evaluate({name: student}, step)
-        run.end_of_step(name, step, {name: student}, {name: opt})
-    return student
+def mixed_rlvr(run: Run, layout=None):
+    """GRPO on the union of every domain, K·T steps (the experts' total)."""
+    KT = len(run.domains) * run.preset.steps
+    stage(run, "mixed", lambda: train_loop(run, "mixed", clone_policy(run.model0), KT, rlvr(run, run.domains), "GRPO"), KT)
 
 
-def log_divergence(run: Run, method: str, step: int, student, teacher, pair: str, domain: str):
-    """Top-k overlap (Eq. 6) and symmetric KL of two policies on the student's own rollouts."""
-    examples = run.heldout[domain][:run.p.divergence_prompts]
-    div = divergence(student, teacher, run.proc, examples, run.p.rl, run.p.opd.overlap_k)
-    run.log(kind="divergence", method=method, pair=pair, step=step, **div)
-    run.divergence.setdefault(method, {}).setdefault(pair, []).append((step, div))
+def static_opd(run: Run, layout=None):
+    """Each finished expert distilled into a neighbour's: the student is expert b, taught by
+    expert a on a's domain for T steps; each direction a row of its own."""
+    experts, T = train_experts(run), run.preset.steps
+    directions = [(a, b) for b in run.domains for a in neighbours(run.domains)[b]]
+    for a, b in directions:
+        name = f"opd:{a}->{b}"
+        stage(run, name, lambda: train_loop(run, name, clone_policy(experts[b]), T, distill(run, {a: experts[a]}, [a]),
+                                            "OPD"), T)
+    # the summary row: the mean over directions (the paper reports each; so do we)
+    rows = [run.results[f"opd:{a}->{b}"] for a, b in directions]
+    run.results["opd"] = {d: round(sum(r[d] for r in rows) / len(rows), 4) for d in run.domains}
+    run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / len(run.domains), 4)
+
+
+def mopd(run: Run, layout=None):
+    """Multi-teacher OPD: π_0 learns every domain from its expert, K·T steps (as one CoPD
+    branch: the student has K domains to learn, as a branch does)."""
+    experts, KT = train_experts(run), len(run.domains) * run.preset.steps
+    stage(run, "mopd", lambda: train_loop(run, "mopd", clone_policy(run.model0), KT, distill(run, experts, run.domains),
+                                          "OPD"), KT)
 
 
 # -----------------------------------------------------------------------------
 # CoPD (the paper's Algorithm 1)
 
 def train_copd(run: Run, layout=None, name: str = "copd", updates: int | None = None):
-    """K branches from π_0; N cycles of Phase I (GRPO on each branch's own domain) and Phase II
-    (GRPO + OPD from the neighbouring branches, in one update); `updates` per branch: K·T, the
-    paper's, or T for "copd@equal" (the K branches together take mixed RLVR's K·T).
-    All branches in this process, or under torchrun (`layout`) this rank's branch: the loop is
-    the same, the team (copd.Branches or parallel.RankBranches) does the rest."""
-    K, T = len(run.domains), run.p.steps
+    """K branches from π_0; N cycles of Phase I (S_RL steps of GRPO on each branch's own domain)
+    and Phase II (S_OPD steps of GRPO + OPD from the neighbouring branches, in one update);
+    `updates` per branch: K·T, the paper's, or T for "copd@equal" (the K branches together take
+    mixed RLVR's K·T). All branches in this process (copd.Branches), or under torchrun (`layout`)
+    this rank's branch (parallel.RankBranches): the loop is the same."""
+    K, T = len(run.domains), run.preset.steps
     updates = updates or K * T
-    cycles = max(1, min(run.p.cycles, updates // 2))   # a cycle holds at least one step of each phase
+    cycles = max(1, min(run.preset.cycles, updates // 2))   # a cycle holds at least one step of each phase
     rl_steps, opd_steps = budget_schedule(updates, cycles)
-    cfg = CoPDConfig(cycles=cycles, rl_steps=rl_steps, opd_steps=opd_steps, topology=run.args.topology)
+    cfg = CoPDConfig(cycles=cycles, rl_steps=rl_steps, opd_steps=opd_steps, topology=run.settings.topology)
     if run.writer:
-        print(describe(cfg, run.domains))
-    links = neighbours(run.domains, cfg.topology, cfg.hub)
-    team = (parallel.RankBranches(layout, run.model0, links, run.optimizer, name) if layout
-            else Branches(run.model0, run.domains, links, run.optimizer, name))
-    models, optimizers = team.named()
+        print(describe(cfg, run.domains), flush=True)
+    teachers_of = neighbours(run.domains, cfg.topology, cfg.hub)
+    branches = (parallel.RankBranches(layout, run.model0, teachers_of, run.optimizer, name, run.train_pool) if layout
+                else Branches(run.model0, run.domains, teachers_of, run.optimizer, name))
+    models, optimizers = branches.by_name()
     steps = schedule(cfg)
     start = run.begin_loop(name, models, optimizers)
     if start == 0:
-        run.evaluate(models, 0, team=team)
+        run.evaluate(models, 0, branches=branches)
+    rl, opd = run.preset.rl, run.preset.opd
     for i, (cycle, phase, in_phase) in enumerate(run.progress(steps, desc=name), 1):
         if i <= start:
             continue
         lr = run.set_lr(optimizers.values(), i, len(steps))
-        stats = team.step(run.proc, run.train, phase, run.p.rl, run.p.opd, step_seed=f"{run.args.seed}:{name}:{i}")
+        # (a) every branch k samples its GRPO batch on D_k and, in Phase II, its own rollouts on
+        # each neighbour j's prompts, before any branch moves
+        own = branches.sample(run.proc, run.train_pool, phase, rl, opd, step_seed=f"{run.settings.seed}:{name}:{i}")
+        if phase == PHASE_I:
+            grades = {d: {} for d in own}
+        else:   # (b) Phase II: neighbour j grades k's rollouts, log π^(j)(y_t), with its weights at step start
+            grades = branches.grade(run.proc, own, rl, opd)
+        # (c) one update per branch: the GRPO advantages (Eq. 7) and, in Phase II, the cross-branch
+        # advantages Â_t = β·(log π^(j)(y_t) − log π^(k)(y_t)) (Eq. 8) in one clipped surrogate
+        stats = branches.update(run.proc, own, grades, rl, opd)
         for d, s in stats.items():
             run.log(kind="train", model=f"{name}:{d}", step=i, cycle=cycle, phase=phase, lr=lr, **s)
             run.check_finite(f"{name}:{d}", i, s)
-        if i % run.p.divergence_every == 0 or i == len(steps):
-            for pair, student, teacher, domain in team.probes(run.model0):
+        if i % run.preset.divergence_every == 0 or i == len(steps):
+            for pair, student, teacher, domain in branches.divergence_pairs(run.model0):
                 log_divergence(run, name, i, student, teacher, pair, domain)
-        if i % run.p.eval_every == 0:
-            run.evaluate(models, i, team=team)
+        if i % run.preset.eval_every == 0:
+            run.evaluate(models, i, branches=branches)
         run.end_of_step(name, i, models, optimizers, where=f"{name} cycle {cycle} {phase} step {in_phase + 1} (update {i})")
-    return team
+    return branches
+
+
+def copd(run: Run, layout=None, name: str = "copd", updates: int | None = None):
+    """CoPD as a stage: train the branches, evaluate each, then their uniform average (the
+    all-in-one model)."""
+    if run.pending(name):
+        updates = updates or len(run.domains) * run.preset.steps
+        branches = train_copd(run, layout, name, updates)
+        merged = branches.merge()
+        for branch, accs in run.evaluate(branches.by_name()[0], updates, final=True, branches=branches).items():
+            run.record(branch, accs, updates)
+        run.record(name, run.evaluate({name: merged}, updates, final=True, branches=branches)[name], updates)
+        run.finish(name)
+
+
+# the code of each stage config.METHODS lists
+STAGES = {"base": base_stage, "experts": train_experts, "mixed": mixed_rlvr, "opd": static_opd, "mopd": mopd,
+          "copd": copd, "copd@equal": lambda run, layout: copd(run, layout, "copd@equal", run.preset.steps)}
 
 
 # -----------------------------------------------------------------------------
-# the methods in order, and the command line
-
-def run_methods(run: Run, layout=None):
-    """Every stage of --method in order; each finished stage is skipped when resuming."""
-    K, T = len(run.domains), run.p.steps
-    wanted = stages(run.args.method)
-    if run.todo("base"):
-        run.record("base", run.evaluate({"base": run.model0}, 0, final=True)["base"])
-        if K >= 2 and run.args.method in ("all", "mixed"):
-            prompts = {d: run.prompts(d, run.p.rl.prompts_per_step) for d in run.domains}
-            run.results["_grad_cosine"] = grad_cosine(clone_policy(run.model0), run.proc, prompts, run.p.rl)
-        run.done("base")
-    if {"experts", "opd", "mopd"} & set(wanted):
-        experts = train_experts(run)
-    if "mixed" in wanted and run.todo("mixed"):
-        mixed = train_rlvr(run, "mixed", clone_policy(run.model0), run.domains, K * T)
-        run.record("mixed", run.evaluate({"mixed": mixed}, K * T, final=True)["mixed"], K * T)
-        run.done("mixed")
-    if "opd" in wanted:
-        directions = [(a, b) for b in run.domains for a in neighbours(run.domains)[b]]
-        for a, b in directions:  # a teaches b, on a's domain
-            name = f"opd:{a}->{b}"
-            if run.todo(name):
-                student = train_distill(run, name, clone_policy(experts[b]), {a: experts[a]}, [a], T)
-                run.record(name, run.evaluate({name: student}, T, final=True)[name], T)
-                run.done(name)
-        # the summary row: the mean over directions (the paper reports each; so do we)
-        rows = [run.results[f"opd:{a}->{b}"] for a, b in directions]
-        run.results["opd"] = {d: round(sum(r[d] for r in rows) / len(rows), 4) for d in run.domains}
-        run.results["opd"]["average"] = round(sum(run.results["opd"].values()) / K, 4)
-    if "mopd" in wanted and run.todo("mopd"):
-        # as many updates as one CoPD branch (K·T): the student has K domains to learn, as a branch does
-        student = train_distill(run, "mopd", clone_policy(run.model0), experts, run.domains, K * T)
-        run.record("mopd", run.evaluate({"mopd": student}, K * T, final=True)["mopd"], K * T)
-        run.done("mopd")
-    for method, updates in (("copd", K * T), ("copd@equal", T)):
-        if method in wanted and run.todo(method):
-            team = train_copd(run, layout, method, updates)
-            merged = team.merge()
-            for name, accs in run.evaluate(team.named()[0], updates, final=True, team=team).items():
-                run.record(name, accs, updates)
-            run.record(method, run.evaluate({method: merged}, updates, final=True, team=team)[method], updates)
-            run.done(method)
-
+# the command line
 
 def main(argv=None):
     args = parse_args(argv, __doc__)
     rank = int(os.environ.get("RANK", "0"))
     try:
-        code = _main(args, rank)
+        code = run_command(args, rank)
         parallel.stop(code)
     except parallel.PeerError as e:
         parallel.give_up(e)
@@ -242,55 +267,70 @@ def interrupted(args, argv: list) -> str:
     return f"interrupted; newest checkpoint {found[-1]}; continue with: python train.py {shlex.join(again + ['--resume'])}"
 
 
-def _main(args, rank: int):
+def run_command(args, rank: int) -> int:
+    """Check, load π_0, run every stage of --method, write the results; the exit code."""
     layout = None
     try:
-        preset = validate(args)
-        # data and model load before OUT exists: bad input leaves nothing behind
-        for domain in args.data:
-            load_domain(domain, "train", 1, args.seed, preset.difficulty, args.data)
+        settings = validate(args)
         if parallel.world_size() > 1:
-            layout = start_ranks(args, preset)
+            settings = parallel.check_ranks(settings)
+        # data and model load before OUT exists: bad input leaves nothing behind
+        for domain in settings.data:
+            load_domain(domain, "train", 1, settings.seed, settings.preset.difficulty, settings.data)
+        if parallel.world_size() > 1:
+            try:
+                layout = parallel.start(list(settings.experts), settings.dist_timeout)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if layout and rank > 0:   # rank 0 builds (or loads) π_0 first; the others then load it
             parallel.barrier("the warm start")
-        model0, proc = load_base(args, preset)
+        model0, proc = load_pi0(settings, settings.torch_dtype)
         if layout and rank == 0:
             parallel.barrier("the warm start")
-        check_data(args, preset, model0, proc)
+        context = getattr(model0.config.get_text_config(), "max_position_embeddings", None)
+        limit = settings.max_prompt_tokens or (context - settings.preset.rl.sampling.max_new_tokens if context else None)
+        if limit:
+            check_prompt_lengths(settings.data, lambda t: len(proc.tokenizer(t, add_special_tokens=False)["input_ids"]),
+                                 limit)
         # seeded after π_0 exists: building it reseeds torch, loading it from the cache does not
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-    except (UsageError, DataError) as e:
+        torch.manual_seed(settings.seed)
+        random.seed(settings.seed)
+    except (UsageError, DataError, ModelError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     writer = rank == 0
-    tmp_out = writer and not os.path.exists(args.out)
+    out = settings.out
+    tmp_out = writer and not os.path.exists(out)
     if writer:
-        os.makedirs(args.out, exist_ok=True)
-        if args.overwrite and not args.resume:   # the earlier run's checkpoints must not be resumed later
-            for old in list_checkpoints(args.out):
+        os.makedirs(out, exist_ok=True)
+        if settings.overwrite and not settings.resume:   # the earlier run's checkpoints must not be resumed later
+            for old in list_checkpoints(out):
                 os.remove(old)
     try:
-        run = Run(args, preset, model0, proc, writer, settings(args, preset))
-        run.log(kind="config", args=vars(args), preset=asdict(preset))
-        K, rl, opd = len(run.domains), preset.rl, preset.opd
+        run = Run(settings, model0, proc, writer)
+        run.log(kind="config", settings=settings.as_dict())
+        K, rl, opd = len(run.domains), settings.preset.rl, settings.preset.opd
         if writer:
             prompt_len = max(len(encode_prompt(proc, ex.prompt, ex.image, ex.video).ids)
-                             for d in run.domains for ex in run.train[d][:64])
+                             for d in run.domains for ex in run.train_pool[d][:64])
             rows = max(rl.prompts_per_step * rl.group_size, opd.prompts_per_step * opd.samples_per_prompt)
-            print(memory_plan(model0, args.method, K, rows, prompt_len + rl.sampling.max_new_tokens, bool(layout)))
-        run_methods(run, layout)
+            print(memory_plan(model0, settings.method, K, METHODS[settings.method].copies(K), rows,
+                              prompt_len + rl.sampling.max_new_tokens, bool(layout)), flush=True)
+        for name in METHODS[settings.method].stages:
+            STAGES[name](run, layout)
         if writer:
-            write_results(args.out, run.results, run.domains, run.curves, run.divergence,
-                          title=f"--experts {','.join(run.domains)} --method {args.method} "
-                                f"--preset {args.preset} --seed {args.seed}",
-                          eval_size=len(run.heldout[run.domains[0]]), budget=budgets(K, preset.steps, args.model),
-                          learning_rate=describe_lr(preset.lr, preset.lr_schedule, preset.min_lr_frac))
+            write_results(out, run.results, run.domains, run.curves, run.divergence,
+                          title=f"--experts {','.join(run.domains)} --method {settings.method} "
+                                f"--preset {settings.preset_name} --seed {settings.seed}",
+                          eval_size=len(run.heldout[run.domains[0]]),
+                          budget=budgets(K, settings.preset.steps, settings.model),
+                          learning_rate=describe_lr(settings.preset.lr, settings.preset.lr_schedule,
+                                                    settings.preset.min_lr_frac))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         if tmp_out:
-            shutil.rmtree(args.out, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
         return 2
     except TrainingError as e:   # keep metrics.jsonl: it shows what went wrong
         print(f"error: {e}", file=sys.stderr)
@@ -298,8 +338,8 @@ def _main(args, rank: int):
     if writer:
         print()
         print(results_table(run.results, run.domains))
-        print(f"\nwrote {args.out}/results.json, results.md, curves.png, metrics.jsonl "
-              f"({(time.time() - run.t0) / 60:.1f} min)")
+        print(f"\nwrote {out}/results.json, results.md, curves.png, metrics.jsonl "
+              f"({(time.time() - run.t0) / 60:.1f} min)", flush=True)
     return 0
 
 

@@ -26,6 +26,8 @@ import logging
 import re
 from fractions import Fraction
 
+import torch
+
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 CHOICE_RE = re.compile(r"^\(?([A-Za-z])\)?[.):]?(?:\s|$)")
 NUMBER_RE = re.compile(r"^[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][+-]?\d+)?$|^[+-]?\d+/\d+$")
@@ -162,3 +164,11 @@ def grade(response: str, gold: str, kind: str = "exact") -> tuple:
 
 def reward(response: str, gold: str, kind: str = "exact") -> float:
     return grade(response, gold, kind)[0]
+
+
+def score(texts: list, examples: list, group_size: int) -> tuple:
+    """Rewards r_i and correctness of responses laid out as `group_size` per example, each
+    graded by its example's verifier: two (N,) tensors."""
+    graded = [grade(text, examples[i // group_size].answer, examples[i // group_size].verifier)
+              for i, text in enumerate(texts)]
+    return (torch.tensor([r for r, _ in graded]), torch.tensor([ok for _, ok in graded], dtype=torch.float))

@@ -1,5 +1,6 @@
 """
-The base policy π_0 for built-in runs: the random-init tiny Qwen2.5-VL after a supervised pass
+The base policy π_0: `--model` (a real checkpoint), or for built-in runs the random-init tiny
+Qwen2.5-VL after a supervised pass
 on the easy levels of every built-in domain in `WarmStartConfig.shares` (all but rename, which RL
 learns against video), so that on the levels runs draw (1..4) it is partly right (30-60%
 held-out on every domain, rename included, tests/test_warmstart.py) and RL has both successes and
@@ -20,10 +21,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from policy import (TinyConfig, build_tiny_policy, build_tokenizer, collate, encode_prompt, load_policy, make_processor,
-                    position_ids, save_policy)
-from rollout import full_response_logits
-from run import accuracy, cosine
+from evaluate import accuracy
+from memory import prepare_for_training
+from optim import cosine
+from policy import (VISION_FAMILIES, TinyConfig, build_tiny_policy, build_tokenizer, collate, encode_prompt,
+                    load_policy, make_processor, position_ids, save_policy)
+from rollout import SamplingConfig, full_response_logits
 from tasks import DOMAINS, TASKS_VERSION, builtin_examples
 
 
@@ -45,6 +48,19 @@ class WarmStartConfig:
     # mixed with several movers the tiny vision tower never learned motion (at chance after 2,000
     # steps); taught one, it learns motion and picks some mover's direction on two or more.
     levels: dict = field(default_factory=lambda: {"text": (1, 2), "swap": (1, 2), "image": (1, 2), "video": (1,)})
+
+
+# π_0 of each preset: the tiny model's shape and its warm start (config.presets reads them)
+PI0_RECIPES = {
+    "smoke": (TinyConfig(), WarmStartConfig(steps=20, batch_size=16, train_examples=200)),
+    "cpu": (TinyConfig(), WarmStartConfig()),
+    "gpu": (TinyConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=768),
+            WarmStartConfig(steps=1500, batch_size=128)),
+}
+
+
+class ModelError(Exception):
+    """A --model that cannot be used: printed as one line, exit code 2."""
 
 
 def cache_dir():
@@ -145,37 +161,81 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     return load_policy(path, device=device)
 
 
-def pi0_accuracy(model, proc, preset, seed: int = 0, problems: int = 1000) -> dict:
+def pi0_accuracy(model, proc, seed: int = 0, problems: int = 1000, difficulty: int = 4,
+                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=10)) -> dict:
     """Greedy accuracy on every built-in domain: on `problems` distinct held-out problems of the
-    levels runs draw (overall and per level), and on as many training problems of the same levels,
-    which a π_0 that had memorised its warm start would answer far better."""
+    levels runs draw (1..difficulty; overall and per level), and on as many training problems of
+    the same levels, which a π_0 that had memorised its warm start would answer far better."""
     out = {}
     for domain in DOMAINS:
-        held = builtin_examples(domain, "heldout", problems, seed, preset.difficulty)
+        held = builtin_examples(domain, "heldout", problems, seed, difficulty)
         levels = sorted(Counter(e.level for e in held).items())
         train = [ex for level, k in levels for ex in builtin_examples(domain, "train", k, seed, levels=(level,))]
-        per_level = {level: accuracy(model, proc, [e for e in held if e.level == level], preset.rl.sampling, 0)["greedy"]
+        per_level = {level: accuracy(model, proc, [e for e in held if e.level == level], sampling, 0)["greedy"]
                      for level, _ in levels}
         out[domain] = {"heldout": sum(per_level[level] * k for level, k in levels) / len(held),
-                       "train": accuracy(model, proc, train, preset.rl.sampling, 0)["greedy"], "per_level": per_level}
+                       "train": accuracy(model, proc, train, sampling, 0)["greedy"], "per_level": per_level}
     return out
+
+
+# -----------------------------------------------------------------------------
+# π_0 of a run: --model, or the warm-started tiny policy
+
+def check_family(model: str, experts: tuple):
+    """A vision-language family whose images this code cannot feed is refused for image and
+    video experts (from its config alone, before its weights load); text experts train it."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(model)
+    vision = set(experts) - {"text"}
+    if vision and hasattr(config, "vision_config") and config.model_type not in VISION_FAMILIES:
+        raise ModelError(f"--model {model}: {config.model_type} is a vision-language family whose image and video "
+                         f"inputs this code does not build (it supports {', '.join(VISION_FAMILIES)}); "
+                         f"--experts {','.join(vision)} needs one of those, --experts text trains this one")
+
+
+def load_pi0(settings, dtype):
+    """π_0 and its processor for a run's config.Settings: --model, or the warm-started tiny
+    policy; then the memory options (LoRA, gradient checkpointing). `dtype`: the weights'."""
+    if settings.model:
+        try:
+            check_family(settings.model, settings.experts)
+            model, proc = load_policy(settings.model, dtype=dtype, device=settings.device)
+        except (OSError, ValueError, KeyError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not os.path.isdir(settings.model):   # a hub name
+                raise ModelError(f"--model {settings.model}: could not fetch it from the Hugging Face Hub ({why}); "
+                                 f"without internet, download it elsewhere (huggingface-cli download {settings.model} "
+                                 "--local-dir DIR), copy DIR here and pass --model DIR") from None
+            raise ModelError(f"--model {settings.model}: cannot load it ({why})") from None
+    else:
+        p = settings.preset
+        model, proc = warm_start(p.tiny, p.warm, settings.seed, device=settings.device)
+        model = model.to(dtype)
+    try:
+        model = prepare_for_training(model, settings.lora_rank, settings.grad_ckpt)
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    if not proc.is_vl and set(settings.experts) - {"text"}:
+        raise ModelError(f"--model {settings.model} is text-only: it cannot learn "
+                         f"{', '.join(d for d in settings.experts if d != 'text')}")
+    return model, proc
 
 
 if __name__ == "__main__":
     # π_0 built ahead of the runs that share it (reproduce.py does this in its own lane)
     import argparse
 
-    from config import presets
     ap = argparse.ArgumentParser(description="Build (or find) the cached π_0 of a preset and seed.")
-    ap.add_argument("--preset", default="cpu", choices=sorted(presets()))
+    ap.add_argument("--preset", default="cpu", choices=sorted(PI0_RECIPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--accuracy", action="store_true", help="then print its held-out and train accuracy per domain")
+    ap.add_argument("--problems", type=int, default=1000, help="distinct problems per domain for --accuracy")
     a = ap.parse_args()
-    p = presets()[a.preset]
-    model, proc = warm_start(p.tiny, p.warm, a.seed)
+    tiny, warm = PI0_RECIPES[a.preset]
+    model, proc = warm_start(tiny, warm, a.seed)
     if a.accuracy:
-        print(f"π_0 of --preset {a.preset} --seed {a.seed}, greedy accuracy (%), {p.eval_size} distinct problems per domain:")
+        print(f"π_0 of --preset {a.preset} --seed {a.seed}, greedy accuracy (%), {a.problems} distinct problems per domain:")
         print("| domain | held-out | train, same levels | held-out per level |\n|---|---|---|---|")
-        for domain, acc in pi0_accuracy(model, proc, p, a.seed, p.eval_size).items():
+        for domain, acc in pi0_accuracy(model, proc, a.seed, a.problems).items():
             levels = ", ".join(f"{100 * v:.0f}" for v in acc["per_level"].values())
             print(f"| {domain} | {100 * acc['heldout']:.1f} | {100 * acc['train']:.1f} | {levels} |")

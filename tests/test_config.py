@@ -1,11 +1,11 @@
 import pytest
 
 from checkpoint import save_checkpoint
-from config import STAGES, UsageError, parse_args, stages, validate
+from config import METHODS, UsageError, parse_args, validate
 
 
 def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
-    steps = lambda *flags: validate(parse_args(["--out", str(tmp_path / "x"), *flags])).steps
+    steps = lambda *flags: validate(parse_args(["--out", str(tmp_path / "x"), *flags])).preset.steps
     assert steps("--experts", "text", "--method", "rlvr") == 300
     assert steps("--experts", "text,image") == 300
     assert steps("--experts", "text,image,video") == 200
@@ -16,7 +16,7 @@ def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
 def test_flags_override_the_preset(tmp_path):
     p = validate(parse_args(["--out", str(tmp_path / "x"), "--preset", "smoke", "--max-new-tokens", "7",
                              "--micro-batch", "3", "--opd-loss", "topk", "--loss-agg", "seq", "--lr", "1e-5",
-                             "--opd-beta", "0.5"]))
+                             "--opd-beta", "0.5"])).preset
     assert (p.rl.sampling.max_new_tokens, p.rl.micro_batch, p.opd.loss, p.rl.loss_agg, p.lr, p.opd.beta) == \
         (7, 3, "topk", "seq", 1e-5, 0.5)
     with pytest.raises(UsageError, match="--opd-beta must be a number ≥ 0, got -1.0"):
@@ -37,5 +37,16 @@ def test_validate_writes_and_deletes_nothing(tmp_path):
 
 
 def test_every_method_runs_its_stages():
-    assert stages("copd") == ("base", "copd") and stages("rlvr") == ("base", "experts")
-    assert STAGES["all"] == ("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal")
+    assert METHODS["copd"].stages == ("base", "copd") and METHODS["rlvr"].stages == ("base", "experts")
+    assert METHODS["all"].stages == ("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal")
+
+
+def test_settings_are_a_frozen_value(tmp_path):
+    import dataclasses
+    args = parse_args(["--out", str(tmp_path / "x"), "--experts", "text, image", "--data", "text=a.jsonl"])
+    before = vars(args).copy()
+    s = validate(args)
+    assert vars(args) == before                                   # the command line is not rewritten
+    assert s.experts == ("text", "image") and s.data == {"text": "a.jsonl"} and s.out == str(tmp_path / "x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 3

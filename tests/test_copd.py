@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import copd
-from copd import Branches, CoPDConfig, budget_schedule, describe, merge_average, neighbours, schedule
+from copd import PHASE_II, Branches, CoPDConfig, budget_schedule, describe, merge_average, neighbours, schedule
 from opd import OPDConfig
 from rlvr import RLConfig
 from rollout import SamplingConfig
@@ -40,12 +40,20 @@ def test_the_printed_plan_is_the_schedule(monkeypatch):
     assert "2 cycles x (Phase I 1 RLVR steps + Phase II 1 RLVR+OPD steps) = 4 updates" in describe(cfg, ["text", "image"])
 
 
-def team_of(models: dict, links: dict):
+def branches_of(models: dict, teachers_of: dict):
     """copd.Branches holding these very models, each with an SGD optimizer."""
-    team = Branches(next(iter(models.values())), list(models), links, lambda m: torch.optim.SGD(m.parameters(), lr=1e-2))
-    team.models = models
-    team.optimizers = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in models.items()}
-    return team
+    branches = Branches(next(iter(models.values())), list(models), teachers_of,
+                        lambda m: torch.optim.SGD(m.parameters(), lr=1e-2))
+    branches.models = models
+    branches.optimizers = {d: torch.optim.SGD(m.parameters(), lr=1e-2) for d, m in models.items()}
+    return branches
+
+
+def step(branches, proc, pools, phase, rl, opd, step_seed):
+    """One CoPD update of every branch, as train.train_copd takes it: sample, grade (Phase II), update."""
+    own = branches.sample(proc, pools, phase, rl, opd, step_seed)
+    grades = branches.grade(proc, own, rl, opd) if phase == PHASE_II else {d: {} for d in own}
+    return branches.update(proc, own, grades, rl, opd)
 
 
 def test_merge_of_identical_branches_is_the_identity(tiny):
@@ -95,9 +103,9 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
     rl = RLConfig(prompts_per_step=2, group_size=2, sampling=SamplingConfig(max_new_tokens=4))
     opd = OPDConfig(prompts_per_step=2, samples_per_prompt=1)
     links = neighbours(domains)
-    team = team_of(branches, links)
+    team = branches_of(branches, links)
     pools = {d: builtin_examples(d, "train", 8, 0) for d in domains}
-    stats = team.step(proc, pools, "opd", rl, opd, step_seed=0)
+    stats = step(team, proc, pools, "opd", rl, opd, step_seed=0)
     owner = {id(m): d for d, m in branches.items()}
     seen = set()
     assert len(students) == len(calls)
@@ -112,7 +120,7 @@ def test_phase_two_routes_prompts_to_the_right_teacher_at_step_start(tiny, monke
     assert "overlap_from_text" in stats["image"]
     # Phase I: no OPD at all
     calls.clear()
-    team.step(proc, pools, "rl", rl, opd, step_seed=1)
+    step(team, proc, pools, "rl", rl, opd, step_seed=1)
     assert calls == []
 
 
@@ -130,7 +138,7 @@ def test_a_branch_steps_the_same_whatever_runs_beside_it(tiny):
         branches = {d: copy.deepcopy(model) for d in order}
         with torch.no_grad():
             branches["image"].lm_head.weight.mul_(1.5)   # a teacher that disagrees
-        team_of(branches, links).step(proc, pools, "opd", rl, opd, step_seed=7)
+        step(branches_of(branches, links), proc, pools, "opd", rl, opd, step_seed=7)
         return branches
 
     forward, backward = one_step(["text", "image"]), one_step(["image", "text"])
@@ -140,10 +148,10 @@ def test_a_branch_steps_the_same_whatever_runs_beside_it(tiny):
             assert torch.equal(a, b)
 
 
-def test_the_team_probes_neighbours_and_each_branch_against_base(tiny):
+def test_divergence_pairs_are_neighbours_and_each_branch_against_base(tiny):
     model, _ = tiny
     models = {d: copy.deepcopy(model) for d in ("text", "image", "video")}
-    probes = team_of(models, neighbours(list(models))).probes(model)
+    probes = branches_of(models, neighbours(list(models))).divergence_pairs(model)
     assert [(pair, domain) for pair, _, _, domain in probes] == [
         ("text~video", "text"), ("text~base", "text"), ("image~text", "image"), ("image~base", "image"),
         ("video~base", "video")]

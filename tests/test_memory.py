@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from memory import kv_bytes_per_token, lora_targets, memory_plan, model_copies, prepare_for_training
+from config import METHODS
+from memory import kv_bytes_per_token, lora_targets, memory_plan, prepare_for_training
 from policy import encode_prompt
 from rollout import response_logits
 from tasks import builtin_examples
@@ -37,9 +38,9 @@ def test_kv_cache_bytes_per_token_match_published_models():
 def test_memory_plan_of_llama_2_7b_in_bf16():
     model = llama_2_7b()
     assert sum(p.numel() for p in model.parameters()) == 6_738_415_616
-    plan = memory_plan(model, "copd", 2, rows=1, tokens=4096)
+    plan = memory_plan(model, "copd", 2, METHODS["copd"].copies(2), rows=1, tokens=4096)
     weights = "12.6 GiB"                          # 6.74e9 · 2 bytes
-    assert model_copies("copd", 2) == (2, 1) and model_copies("all", 3) == (3, 4)
+    assert METHODS["copd"].copies(2) == (2, 1) and METHODS["all"].copies(3) == (3, 4)
     assert "| trained copy: weights, gradients, AdamW | 50.2 GiB | 2 | 100.4 GiB |" in plan
     assert f"| frozen copy (π_0, experts, teachers) | {weights} | 1 | {weights} |" in plan
     assert "| KV cache: 1 rows x 4096 tokens | 2.0 GiB | 1 | 2.0 GiB |" in plan

@@ -2,10 +2,10 @@ import copy
 
 import torch
 
-from opd import (OPDConfig, divergence, opd_advantages, opd_batch, reverse_kl_full, reverse_kl_topk, symmetric_kl,
-                 topk_overlap)
+from opd import (OPDConfig, distribution_rows, divergence, opd_advantages, opd_batch, opd_rollout, opd_step,
+                 reverse_kl_full, reverse_kl_topk, symmetric_kl, teacher_logprobs, topk_overlap)
 from policy import build_tiny_policy
-from rlvr import RLConfig, clipped_surrogate, update
+from rlvr import RLConfig, clipped_surrogate, token_loss, update
 from rollout import SamplingConfig, response_logits, sampling_logprobs, token_logprobs
 from tasks import builtin_examples
 from conftest import SMALL
@@ -17,19 +17,29 @@ def other_model(proc, seed=1):
     return build_tiny_policy(proc.tokenizer, SMALL, seed=seed)
 
 
+def scored_batch(student, teachers, proc, exs, cfg):
+    """Student rollouts on `exs`, graded by teachers[domain]: (PGBatch, rollout)."""
+    rollout, domains = opd_rollout(student, proc, exs, RL, cfg)
+    lp, full = teacher_logprobs(teachers, proc, rollout, domains, RL, distribution_rows(cfg, rollout))
+    return opd_batch(rollout, lp, full, cfg), rollout
+
+
 def test_opd_loss_and_gradient_vanish_when_teacher_is_student(tiny):
     model, proc = tiny
     exs = builtin_examples("text", "train", 4, 0)
     for loss in ("sampled", "full"):
+        cfg = OPDConfig(loss=loss, samples_per_prompt=2)
         torch.manual_seed(0)
-        batch, stats = opd_batch(model, {"text": model}, proc, exs, RL, OPDConfig(loss=loss, samples_per_prompt=2))
-        assert abs(stats["opd_delta"]) < 1e-5
+        batch, _ = scored_batch(model, {"text": model}, proc, exs, cfg)
         model.zero_grad()
         from rlvr import backward_tokens, loss_weights
         w = loss_weights([batch.rollout.mask])[0]
-        value = backward_tokens(model, proc, batch.rollout, w, RL, batch.token_loss)
+        value, _ = backward_tokens(model, proc, batch, w, RL)
         assert abs(value) < 1e-5
         assert max(p.grad.abs().max() for p in model.parameters() if p.grad is not None) < 1e-5
+        stats = opd_step(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.0), {"text": model}, proc,
+                         exs, RL, cfg)
+        assert abs(stats["opd_delta"]) < 1e-5
         assert stats["overlap"] == 1.0 and abs(stats["sym_kl"]) < 1e-5
     model.zero_grad()
 
@@ -48,8 +58,8 @@ def test_opd_gradient_lowers_reverse_kl_on_a_fixed_batch(tiny):
     for loss in ("sampled", "full", "topk"):
         student = copy.deepcopy(model)
         torch.manual_seed(0)
-        batch, _ = opd_batch(student, {"text": teacher, "image": teacher}, proc, exs, RL,
-                             OPDConfig(loss=loss, samples_per_prompt=4))
+        batch, _ = scored_batch(student, {"text": teacher, "image": teacher}, proc, exs,
+                                OPDConfig(loss=loss, samples_per_prompt=4))
         before = reverse_kl_on(student, teacher, proc, batch.rollout)
         opt = torch.optim.SGD(student.parameters(), lr=0.5)
         update(student, opt, proc, [batch], RL)
@@ -105,8 +115,7 @@ def test_each_prompt_is_graded_by_its_own_domains_teacher(tiny):
     teachers = {"text": other_model(proc, 1), "image": other_model(proc, 2)}
     exs = builtin_examples("text", "train", 3, 0) + builtin_examples("image", "train", 3, 0)
     torch.manual_seed(0)
-    batch, stats = opd_batch(model, teachers, proc, exs, RL, OPDConfig(samples_per_prompt=2))
-    r = batch.rollout
+    batch, r = scored_batch(model, teachers, proc, exs, OPDConfig(samples_per_prompt=2))
     # recompute δ with the intended teacher of each row and compare with the advantages used
     for i, ex in enumerate(e for e in exs for _ in range(2)):
         with torch.no_grad():
@@ -118,7 +127,7 @@ def test_each_prompt_is_graded_by_its_own_domains_teacher(tiny):
         with torch.no_grad():
             s_lp = sampling_logprobs(response_logits(model, proc, [r.prompts[i]], r.response[i:i + 1]),
                                      RL.sampling, proc)
-        loss = batch.token_loss(s_lp, slice(i, i + 1)) * r.mask[i:i + 1]
+        loss = token_loss(batch, s_lp, slice(i, i + 1), RL)[0] * r.mask[i:i + 1]
         assert torch.allclose(loss, -expected_delta, atol=1e-4)
 
 

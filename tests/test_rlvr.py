@@ -3,8 +3,7 @@ import math
 import torch
 
 from policy import encode_prompt
-from rlvr import (PGBatch, RLConfig, backward_tokens, clipped_surrogate, group_advantages, k3_kl, loss_weights,
-                  surrogate_loss, update)
+from rlvr import PGBatch, RLConfig, backward_tokens, clipped_surrogate, group_advantages, k3_kl, loss_weights, update
 from rollout import SamplingConfig, generate, response_logits, sampling_logprobs, token_logprobs
 from tasks import builtin_examples
 
@@ -70,7 +69,7 @@ def test_micro_batching_does_not_change_the_gradient(tiny):
         cfg = RLConfig(micro_batch=micro, sampling=SamplingConfig(max_new_tokens=6))
         w = loss_weights([rollout.mask], cfg.loss_agg)[0]
         model.zero_grad()
-        backward_tokens(model, proc, rollout, w, cfg, surrogate_loss(rollout, adv, cfg))
+        backward_tokens(model, proc, PGBatch(rollout, adv), w, cfg)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     model.zero_grad()
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
@@ -91,7 +90,7 @@ def test_one_step_raises_the_logprob_of_rewarded_responses(tiny):
         return (token_logprobs(sampling_logprobs(lg, cfg.sampling, proc), rollout.response) * rollout.mask).sum(-1)
     before = seq_logp()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = update(model, opt, proc, [PGBatch(rollout, surrogate_loss(rollout, adv, cfg))], cfg)
+    stats, _ = update(model, opt, proc, [PGBatch(rollout, adv)], cfg)
     after = seq_logp()
     assert not stats["skipped"]
     rewarded = rewards.view(-1) > 0
@@ -106,7 +105,6 @@ def test_a_non_finite_loss_skips_the_step(tiny):
     rollout = _rollout(model, proc)
     adv = torch.full((rollout.mask.shape[0], 1), float("nan"))
     before = [p.detach().clone() for p in model.parameters()]
-    stats = update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), proc,
-                   [PGBatch(rollout, surrogate_loss(rollout, adv, cfg))], cfg)
+    stats, _ = update(model, torch.optim.AdamW(model.parameters(), lr=1e-2), proc, [PGBatch(rollout, adv)], cfg)
     assert stats["skipped"]
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -2,27 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from run import Run, TrainingError, cosine, learning_rate
-
-
-def test_learning_rate_decays_from_peak_to_its_floor():
-    lr = lambda t, schedule="cosine": learning_rate(1e-3, t, 101, schedule, 0.1)
-    assert lr(1) == pytest.approx(1e-3)
-    assert lr(51) == pytest.approx(0.55e-3)     # halfway: the midpoint of η and 0.1·η
-    assert lr(101) == pytest.approx(1e-4)
-    assert lr(80, "constant") == 1e-3
-    assert learning_rate(1e-3, 1, 1) == 1e-3   # a one-update loop keeps η
-
-
-def test_the_warm_start_decays_along_the_same_cosine(tmp_path, monkeypatch):
-    import warmstart
-    from test_warmstart import TINY
-    seen = []
-    monkeypatch.setattr(warmstart, "cosine", lambda progress, floor: seen.append((progress, floor)) or 1.0)
-    monkeypatch.setenv("COPD_CACHE", str(tmp_path))
-    warmstart.warm_start(TINY, warmstart.WarmStartConfig(steps=4, batch_size=3, train_examples=12), 0, quiet=True)
-    assert [p for p, _ in seen][:4] == [0.0, 0.25, 0.5, 0.75] and {f for _, f in seen} == {0.1}
-    assert cosine(0.0, 0.1) == 1.0 and cosine(1.0, 0.1) == pytest.approx(0.1)
+from run import Run, TrainingError
 
 
 def guard():
@@ -47,7 +27,7 @@ def test_non_finite_guard_stops_after_five_skips_in_a_row_per_model():
 def test_set_lr_reaches_every_optimizer():
     import torch
     run = guard()
-    run.p = SimpleNamespace(lr=1e-3, lr_schedule="cosine", min_lr_frac=0.1)
+    run.preset = SimpleNamespace(lr=1e-3, lr_schedule="cosine", min_lr_frac=0.1)
     opts = [torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]) for _ in range(2)]
     assert run.set_lr(opts, 11, 11) == pytest.approx(1e-4)
     assert all(o.param_groups[0]["lr"] == pytest.approx(1e-4) for o in opts)
@@ -58,16 +38,16 @@ def test_a_resumed_stage_keeps_counting_its_wall_time_from_the_checkpoint(tmp_pa
     checkpoint count, not only those after the resume."""
     import time
     from checkpoint import save_checkpoint
-    from config import load_base, parse_args, settings, validate
+    from dataclasses import replace
+    from config import parse_args, validate
+    from warmstart import load_pi0
     out = tmp_path / "r"
-    args = parse_args(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)])
-    preset = validate(args)
-    model0, proc = load_base(args, preset)
+    settings = validate(parse_args(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)]))
+    model0, proc = load_pi0(settings, settings.torch_dtype)
     out.mkdir()
     (out / "metrics.jsonl").write_text("")
     save_checkpoint(str(out), {"loop": "expert:text", "step": 2, "where": "expert:text step 2", "completed": ["base"],
                                "models": {}, "results": {}, "curves": {}, "divergence": {}, "skipped": {},
-                               "metrics_lines": 0, "settings": settings(args, preset), "stage_seconds": 100.0})
-    args.resume = True
-    run = Run(args, preset, model0, proc, True, settings(args, preset))
+                               "metrics_lines": 0, "settings": settings.recorded(), "stage_seconds": 100.0})
+    run = Run(replace(settings, resume=True), model0, proc, True)
     assert 100.0 <= time.time() - run.stage_t0 < 160.0

@@ -59,7 +59,8 @@ def test_pi0_is_partly_right_on_every_domain_and_has_not_memorised():
     from tasks import DOMAINS
     from warmstart import pi0_accuracy
     model, proc = load_policy(SHIPPED)
-    acc = pi0_accuracy(model, proc, presets()["cpu"], seed=0, problems=1000)
+    p = presets()["cpu"]
+    acc = pi0_accuracy(model, proc, seed=0, problems=1000, difficulty=p.difficulty, sampling=p.rl.sampling)
     assert list(acc) == list(DOMAINS)
     for domain, a in acc.items():
         assert 0.30 <= a["heldout"] <= 0.60, (domain, a)
