@@ -3,15 +3,13 @@ Benchmarks: our sampler against HF `generate` on the same weights, prompts, leng
 sampling settings, beside the weight+KV bandwidth floor; and where the time of one CoPD
 Phase II step goes (rollout, teacher scoring, backward, optimizer).
 
-    python bench.py --device cpu --json out.json
-    python bench.py --device cuda --json gpu.json
+    python bench.py --device cpu --json out.json   # or --device cuda
     python bench.py --profile                      # torch.profiler's top ops of one CoPD step
     OMP_NUM_THREADS=1 python bench.py --warm-start # π_0's step: padded, per domain, compiled
     OMP_NUM_THREADS=1 python bench.py --micro-batch 64,128   # the CoPD step at two micro-batch sizes
 
-`--json PATH` writes a list of rows: one per sampler measurement, each with
-`speedup_vs_hf_generate`, then one per piece of the CoPD step (`"kind": "copd_step"`).
-Speed is measured here, never in the tests.
+`--json PATH` writes a list of rows: one per sampler measurement (`speedup_vs_hf_generate`),
+then one per piece of the CoPD step (`"kind": "copd_step"`). Speed is measured here, never in tests.
 """
 
 import argparse
@@ -335,6 +333,14 @@ def main():
     ap.add_argument("--warm-start", action="store_true", help="seconds per step of π_0's warm start, three ways")
     ap.add_argument("--micro-batch", default=None, metavar="N,M", help="the CoPD step at these micro-batch sizes, taking turns")
     args = ap.parse_args()
+    from config import UsageError, check_device
+    try:
+        check_device(args.device)
+    except UsageError as e:
+        ap.exit(2, f"error: {e}\n")
+    sizes = [int(n) if n.strip().isdigit() else 0 for n in args.micro_batch.split(",")] if args.micro_batch else [1]
+    if min(sizes) < 1:
+        ap.exit(2, f"error: --micro-batch takes comma-separated sizes of at least 1, got '{args.micro_batch}'\n")
     if args.check:
         print(check_table(gpu_check(args.device, args.quick, args.out)))
         return
@@ -346,7 +352,7 @@ def main():
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         return
     if args.micro_batch:
-        rows = bench_micro_batch([int(n) for n in args.micro_batch.split(",")], rounds=1 if args.quick else 3)
+        rows = bench_micro_batch(sizes, rounds=1 if args.quick else 3)
         lines = [f"micro-batch {r['micro_batch']:>4}: step {r['step_s']:.3f} s, forward + backward {r['forward_backward_s']:.3f} s"
                  for r in rows]
         report(f"one CoPD Phase II step (cpu preset, {rows[0]['threads']} thread(s), median of the rounds):", lines, rows, args.json)

@@ -10,6 +10,7 @@ settings is refused). It is written to a temporary name and renamed only when
 complete (a rename is atomic), and only the newest two are kept.
 """
 
+import fcntl
 import glob
 import os
 import random
@@ -80,3 +81,49 @@ def recorded_settings(out: str):
         except Exception:
             continue
     return None
+
+
+# -----------------------------------------------------------------------------
+# one folder, one run: OUT/.lock, an flock the kernel drops when its process dies (so a killed
+# run never blocks a later one)
+
+LOCK = ".lock"
+
+
+class FolderInUse(Exception):
+    """Another live process runs in this folder."""
+
+
+def folder_holder(out: str):
+    """The pid of a live process that holds `out` (-1 if it wrote none), or None. Reads only."""
+    try:
+        f = open(os.path.join(out, LOCK))
+    except OSError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = f.read().strip()
+            return int(pid) if pid.isdigit() else -1
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def hold_folder(out: str):
+    """Take `out` for this process's lifetime: returns the open lock file (keep it open), or
+    raises FolderInUse naming the process that holds it."""
+    f = open(os.path.join(out, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise FolderInUse(f"{out} is in use by process {pid}: one folder holds one run (wait for it, "
+                          "or pass another --out)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f

@@ -8,6 +8,7 @@ The methods are declared here, in METHODS; train.py maps each stage to the code 
 
 import argparse
 import copy
+import json
 import math
 import os
 import re
@@ -16,13 +17,13 @@ from typing import Callable
 
 import torch
 
-from checkpoint import list_checkpoints, recorded_settings
+from checkpoint import folder_holder, list_checkpoints, recorded_settings
 from opd import OPDConfig
 from policy import TinyConfig
 from rlvr import RLConfig
 from rollout import SamplingConfig
 from tasks import DOMAINS
-from warmstart import PI0_RECIPES, WarmStartConfig
+from warmstart import PI0_RECIPES, WarmStartConfig, check_cache_dir
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,15 @@ class Settings:
 # -----------------------------------------------------------------------------
 # the command line
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad flag as one line (UsageError), not the usage text and a line."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
 def parse_args(argv=None, description: str = ""):
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", default="text,image", help="comma-separated domains: " + ",".join(DOMAINS))
     ap.add_argument("--method", default="copd", help="|".join(METHODS))
     ap.add_argument("--preset", default="cpu", help="smoke | cpu | gpu")
@@ -176,6 +184,8 @@ def validate(args) -> Settings:
     """Every check that can fail before anything is written; returns the run's Settings. Reads
     the disk, never writes or deletes (clearing for --overwrite is the run's)."""
     experts = tuple(d.strip() for d in args.experts.split(",") if d.strip())
+    if not experts:
+        raise UsageError(f"--experts names no domain (choose from {', '.join(DOMAINS)}, e.g. --experts text,image)")
     for d in experts:
         if d not in DOMAINS:
             raise UsageError(f"unknown domain '{d}' in --experts (choose from {', '.join(DOMAINS)})")
@@ -192,11 +202,18 @@ def validate(args) -> Settings:
             raise UsageError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
     if args.lora_rank < 0:
         raise UsageError("--lora-rank must be 0 (train every weight) or a positive rank")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be from 0 to 2^63 - 1, got {args.seed}")
     data = {}
     for item in args.data:
         domain, sep, path = item.partition("=")
         if not sep or domain not in DOMAINS:
             raise UsageError(f"--data expects DOMAIN=PATH with DOMAIN in {', '.join(DOMAINS)}, got '{item}'")
+        if domain in data:
+            raise UsageError(f"--data names {domain} twice ({data[domain]}, {path}): give one file per domain")
+        if domain not in experts:
+            raise UsageError(f"--data {item}: {domain} is not among --experts {','.join(experts)}, so nothing "
+                             "would read it")
         data[domain] = path
     if args.model and not os.path.isdir(args.model):
         if os.path.exists(args.model):
@@ -212,6 +229,8 @@ def validate(args) -> Settings:
     if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
         raise UsageError(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     check_device(args.device)
+    if not args.model and check_cache_dir():
+        raise UsageError(check_cache_dir())
     out = args.out or os.path.join("runs", f"{args.method}-{'-'.join(experts)}-s{args.seed}")
     check_out(out)
     earlier = os.path.exists(os.path.join(out, "results.json")) or list_checkpoints(out)
@@ -256,6 +275,8 @@ def check_device(device: str):
         dev = torch.device(device)
     except RuntimeError:
         raise UsageError(f"--device {device}: not a device (cpu, cuda, cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: this code trains on cpu or cuda (cuda:N) only")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: this torch ({torch.__version__}) has no CUDA, or sees no GPU; "
                          "use --device cpu")
@@ -272,13 +293,30 @@ def check_out(out: str):
         parent = os.path.dirname(parent)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
         raise UsageError(f"--out {out}: cannot write in {parent}")
+    holder = folder_holder(out)
+    if holder is not None:
+        raise UsageError(f"{out} is in use by process {holder}: one folder holds one run (wait for it, "
+                         "or pass another --out)")
 
 
 def check_resume(out: str, now: dict):
-    before = recorded_settings(out)
-    if not before:    # nothing to resume yet, or a checkpoint from before settings were recorded
-        return
-    differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items() if before.get(flag) != value]
+    """--resume continues the run in `out` under its own settings (from its newest checkpoint, or
+    else its log's first line), and never replaces a finished run's results."""
+    before = recorded_settings(out) or logged_settings(out)
+    differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items()
+              if before and before.get(flag) != value]
     if differ:
         raise UsageError(f"--resume: {out} holds a run with other settings: {'; '.join(differ)}. Resume with "
                          "its settings, or start over with --overwrite")
+    if os.path.exists(os.path.join(out, "results.json")):
+        raise UsageError(f"--resume: {out} holds a finished run (results.json): nothing to resume; "
+                         "--overwrite runs it again")
+
+
+def logged_settings(out: str):
+    """The settings in the first line of OUT/metrics.jsonl (the run's config row), or None."""
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return json.loads(f.readline()).get("recorded")
+    except (OSError, ValueError, AttributeError):
+        return None

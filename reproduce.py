@@ -109,6 +109,13 @@ def main(argv=None):
     except ValueError:
         print(f"error: --seeds takes comma-separated integers, got '{a.seeds}'", file=sys.stderr)
         return 2
+    if len(set(seeds)) != len(seeds) or len(set(settings)) != len(settings):
+        print(f"error: --seeds and --settings list each value once (two runs of one seed would share one "
+              f"folder), got --seeds {a.seeds} --settings '{a.settings}'", file=sys.stderr)
+        return 2
+    if a.steps is not None and a.steps < 1:
+        print(f"error: --steps must be at least 1, got {a.steps}", file=sys.stderr)
+        return 2
     if a.lanes < 1:
         print(f"error: --lanes must be at least 1, got {a.lanes}", file=sys.stderr)
         return 2

@@ -83,7 +83,7 @@ class Prefill:
 
 @torch.no_grad()
 def prefill(model, proc, prompts: list) -> Prefill:
-    """Left-pad the prompts, run them (their images and videos) once. `run.accuracy` shares one
+    """Left-pad the prompts, run them (their images and videos) once. `evaluate.accuracy` shares one
     prefill between greedy and sampled decoding: for pictures the prefill is most of the cost."""
     device = next(model.parameters()).device
     batch = collate(prompts, proc.pad_id).to(device)

@@ -202,6 +202,21 @@ def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int
 # -----------------------------------------------------------------------------
 # JSONL
 
+ROW_KEYS = ("prompt", "answer", "verifier", "image", "images", "video")
+
+
+def _to_8bit(im):
+    """An RGB picture of 8-bit channels. PIL's convert("RGB") clips 16-bit and float pixels
+    instead of scaling them (a 16-bit PNG comes out almost all white): scale those by their
+    type's range first (16-bit: 0..65535; float: 0..1)."""
+    from PIL import Image
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" else 65535.0
+        im = Image.fromarray(np.clip(np.round(a / top * 255), 0, 255).astype(np.uint8), mode="L")
+    return np.array(im.convert("RGB"))   # a writable copy
+
+
 def _load_image(value, base: str, where: str):
     """The picture at `value`, a path relative to the JSONL file's folder `base`."""
     from PIL import Image
@@ -210,7 +225,7 @@ def _load_image(value, base: str, where: str):
     path = os.path.join(base, value)
     try:
         with Image.open(path) as im:
-            return np.array(im.convert("RGB"))   # a writable copy
+            return _to_8bit(im)
     except Image.DecompressionBombError as e:
         raise DataError(f"{where}: image '{path}' is too large to load ({e})") from None
     except (OSError, ValueError) as e:
@@ -218,7 +233,7 @@ def _load_image(value, base: str, where: str):
 
 
 def _answer(value, where: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
         raise DataError(f"{where}: 'answer' must be a non-empty string or a number, got {json.dumps(value)}")
     return str(value)
 
@@ -244,6 +259,17 @@ def load_jsonl(path: str, domain: str) -> list:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
                 raise DataError(f"{where}: a row needs a string 'prompt' and an 'answer'")
+            if not row["prompt"].strip():
+                raise DataError(f"{where}: the prompt is empty")
+            unknown = sorted(set(row) - set(ROW_KEYS))
+            if unknown:
+                raise DataError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (a row holds "
+                                f"{', '.join(ROW_KEYS)})")
+            if "images" in row:   # the Hugging Face datasets habit: a list of pictures
+                if "image" in row or not isinstance(row["images"], list) or len(row["images"]) != 1:
+                    raise DataError(f"{where}: 'images' must be a list of exactly one picture (or use 'image'); "
+                                    "a prompt here takes one image")
+                row["image"] = row["images"][0]
             verifier = row.get("verifier", "math" if domain in ("text", "swap") else "exact")
             if verifier not in ("math", "exact", "choice"):
                 raise DataError(f"{where}: unknown verifier '{verifier}' (math, exact or choice)")
@@ -279,12 +305,12 @@ def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, dat
 
 def check_prompt_lengths(data: dict, count_tokens, limit: int):
     """Every prompt of every --data file (its rows were validated before π_0 loaded) within
-    `limit` tokens, as `count_tokens(text)` counts them."""
+    `limit` tokens, as `count_tokens(text, image, video)` counts them (a picture's tokens count)."""
     for domain, path in data.items():
         for ex in load_jsonl(path, domain):   # every row, whichever split it falls in
-            n = count_tokens(ex.prompt[:20 * limit])   # a prefix first: a 10 MB prompt is refused in a moment
+            n = count_tokens(ex.prompt[:20 * limit], ex.image, ex.video)   # a prefix first: a 10 MB prompt is refused at once
             if n <= limit < len(ex.prompt) // 20:
-                n = count_tokens(ex.prompt)
+                n = count_tokens(ex.prompt, ex.image, ex.video)
             if n > limit:
                 raise DataError(f"{ex.source}: the prompt is {'at least ' if len(ex.prompt) > 20 * limit else ''}"
                                 f"{n} tokens, over the limit of {limit} (the model's context minus "

@@ -44,7 +44,7 @@ import time
 import torch
 
 import parallel
-from checkpoint import list_checkpoints
+from checkpoint import FolderInUse, hold_folder, list_checkpoints
 from config import METHODS, UsageError, parse_args, validate
 from copd import PHASE_I, PHASE_II, Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
 from memory import clone_policy, memory_plan
@@ -235,6 +235,13 @@ def copd(run: Run, layout=None, name: str = "copd", updates: int | None = None):
         run.finish(name)
 
 
+def prompt_tokens(proc, text: str, image=None, video=None) -> int:
+    """The tokens a prompt takes in the model's context, its picture's or video's included."""
+    if image is None and video is None:
+        return len(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(encode_prompt(proc, text, image, video).ids)
+
+
 # the code of each stage config.METHODS lists
 STAGES = {"base": base_stage, "experts": train_experts, "mixed": mixed_rlvr, "opd": static_opd, "mopd": mopd,
           "copd": copd, "copd@equal": lambda run, layout: copd(run, layout, "copd@equal", run.preset.steps)}
@@ -244,8 +251,14 @@ STAGES = {"base": base_stage, "experts": train_experts, "mixed": mixed_rlvr, "op
 # the command line
 
 def main(argv=None):
-    args = parse_args(argv, __doc__)
+    sys.stdout.reconfigure(line_buffering=True)   # each kept line reaches a log file when printed
     rank = int(os.environ.get("RANK", "0"))
+    try:
+        args = parse_args(argv, __doc__)
+    except UsageError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         code = run_command(args, rank)
         parallel.stop(code)
@@ -288,10 +301,13 @@ def run_command(args, rank: int) -> int:
         if layout and rank == 0:
             parallel.barrier("the warm start")
         context = getattr(model0.config.get_text_config(), "max_position_embeddings", None)
-        limit = settings.max_prompt_tokens or (context - settings.preset.rl.sampling.max_new_tokens if context else None)
+        new_tokens = settings.preset.rl.sampling.max_new_tokens
+        if context and new_tokens >= context:
+            raise UsageError(f"--max-new-tokens {new_tokens}: the model's context holds {context} tokens, "
+                             "prompt and response together")
+        limit = settings.max_prompt_tokens or (context - new_tokens if context else None)
         if limit:
-            check_prompt_lengths(settings.data, lambda t: len(proc.tokenizer(t, add_special_tokens=False)["input_ids"]),
-                                 limit)
+            check_prompt_lengths(settings.data, lambda text, image, video: prompt_tokens(proc, text, image, video), limit)
         # seeded after π_0 exists: building it reseeds torch, loading it from the cache does not
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
@@ -304,12 +320,18 @@ def run_command(args, rank: int) -> int:
     tmp_out = writer and not os.path.exists(out)
     if writer:
         os.makedirs(out, exist_ok=True)
-        if settings.overwrite and not settings.resume:   # the earlier run's checkpoints must not be resumed later
-            for old in list_checkpoints(out):
-                os.remove(old)
+        try:
+            lock = hold_folder(out)   # noqa: F841 (held while this function runs: the whole run)
+        except FolderInUse as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if settings.overwrite and not settings.resume:   # nothing of the earlier run may pass for this one's
+            for old in list_checkpoints(out) + [os.path.join(out, f) for f in ("results.json", "results.md", "curves.png")]:
+                if os.path.exists(old):
+                    os.remove(old)
     try:
         run = Run(settings, model0, proc, writer)
-        run.log(kind="config", settings=settings.as_dict())
+        run.log(kind="config", settings=settings.as_dict(), recorded=settings.recorded())
         K, rl, opd = len(run.domains), settings.preset.rl, settings.preset.opd
         if writer:
             prompt_len = max(len(encode_prompt(proc, ex.prompt, ex.image, ex.video).ids)

@@ -138,7 +138,7 @@ def _choice(s: str):
 
 
 def is_correct(pred, gold: str, kind: str = "exact") -> bool:
-    if pred is None:
+    if pred is None or not gold.strip():   # a blank gold answer rewards no answer: nothing is right
         return False
     if pred == gold and kind != "choice":   # most right answers: no parsing ("choice" needs a letter)
         return True

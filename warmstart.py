@@ -13,6 +13,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -65,6 +66,20 @@ class ModelError(Exception):
 
 def cache_dir():
     return os.environ.get("COPD_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+
+
+def check_cache_dir() -> str | None:
+    """Why π_0's cache (COPD_CACHE, default ./.cache) cannot be used, or None: checked before
+    any work, not after minutes of warm start."""
+    path = cache_dir()
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"the π_0 cache {path} is a file, not a folder (set COPD_CACHE to a folder)"
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write the π_0 cache {path} (set COPD_CACHE to a folder you can write)"
+    return None
 
 
 def encode_example(model, proc, ex):
@@ -125,7 +140,12 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     """π_0 (model, processor) on `device`: loaded from the cache, or trained (there) and cached."""
     path, cached = pi0_cached(tiny, cfg, seed)
     if cached:
-        return load_policy(path, device=device)
+        try:
+            return load_policy(path, device=device)
+        except Exception as e:   # a truncated or half-deleted entry: safetensors, OSError, JSON errors
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"warning: the cached π_0 {path} is damaged ({why}); building it again", file=sys.stderr, flush=True)
+            shutil.rmtree(path, ignore_errors=True)
     tokenizer = build_tokenizer()
     model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)

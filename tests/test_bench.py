@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,3 +39,11 @@ def test_a_copd_run_cut_at_its_budget_is_extrapolated_and_says_so(tmp_path, monk
     # 5 of 2·T = 8 updates in 10 s of loop, 20 s before the loop: 20 + 8 · 2 s
     assert (got["updates_done"], got["updates_total"], got["wall_s"]) == (5, 8, 36.0)
     assert got["how"] == "extrapolated from the first 5 of 8 updates (final evaluation not included)"
+
+
+@pytest.mark.parametrize("flags, message", [(["--device", "gpu0"], "not a device"),
+                                            (["--micro-batch", "64,x"], "--micro-batch takes"),
+                                            (["--micro-batch", "0"], "--micro-batch takes")])
+def test_bad_bench_flags_are_one_line(flags, message):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *flags], capture_output=True, text=True)
+    assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1

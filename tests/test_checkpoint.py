@@ -66,3 +66,19 @@ def test_a_resume_under_other_settings_is_one_line_naming_the_flags(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert "--experts text,image (now text,image,video)" in r.stderr and "--seed 0 (now 5)" in r.stderr
     assert sorted(os.listdir(tmp_path / "r")) == before
+
+
+def test_resume_checks_a_folder_without_checkpoints_and_never_replaces_a_finished_run(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "r"
+    run = lambda *extra: subprocess.run([sys.executable, "train.py", "--method", "copd", "--preset", "smoke",
+                                         "--out", str(out), *extra], cwd=root, capture_output=True, text=True)
+    assert run("--seed", "3").returncode == 0 and not list(out.glob("ckpt-*.pt"))   # too short to checkpoint
+    before = (out / "results.json").read_bytes()
+    r = run("--seed", "4", "--resume")
+    assert r.returncode == 2 and "--seed 3 (now 4)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run("--seed", "3", "--resume")
+    assert r.returncode == 2 and "holds a finished run" in r.stderr
+    assert (out / "results.json").read_bytes() == before

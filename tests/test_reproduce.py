@@ -51,3 +51,10 @@ def test_a_lane_runs_one_thread_and_keeps_freed_memory_unless_the_user_says_othe
     show = "import os; print(*(os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')))"
     _, code = reproduce.one_thread([sys.executable, "-c", show], str(log))
     assert code == 0 and log.read_text().split() == ["1", str(32 << 20), "12345"]
+
+
+def test_a_repeated_seed_or_setting_is_refused(tmp_path, capsys):
+    for flags in (["--seeds", "0,0"], ["--settings", "text,image;text,image"], ["--steps", "0"]):
+        assert reproduce.main([*flags, "--runs", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]) == 2
+        assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -117,7 +117,7 @@ def test_static_cache_path_matches_teacher_forced_logprobs(tiny):
 @pytest.mark.parametrize("path", ["dynamic", "static"])
 def test_one_prefill_serves_greedy_and_sampled_decoding_unchanged(tiny, path):
     """Decoding from a shared prefill gives the very tokens and log-probs of generating from
-    scratch, and leaves the prefill as it was for the next call (run.accuracy relies on both)."""
+    scratch, and leaves the prefill as it was for the next call (evaluate.accuracy relies on both)."""
     from rollout import generate_static
     model, proc = tiny
     prompts = mixed_prompts(proc)

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -154,3 +155,40 @@ def test_bad_jsonl_names_the_file_and_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message.replace(".", r"\.")):
         load_jsonl(str(path), "image")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a", "answer": "   "}, "'answer' must be a non-empty string"),
+    ({"prompt": "  ", "answer": "1"}, "the prompt is empty"),
+    ({"prompt": "a", "answer": "1", "solution": "x"}, "unknown key(s) 'solution'"),
+    ({"prompt": "a", "answer": "1", "images": ["p.png", "p.png"]}, "'images' must be a list of exactly one picture"),
+])
+def test_rows_that_would_train_wrong_are_refused(tmp_path, row, message):
+    from tasks import DataError, load_jsonl
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"d.jsonl:1: {message}")):
+        load_jsonl(str(path), "image")
+
+
+def test_an_images_list_is_read_as_the_rows_picture(tmp_path):
+    from PIL import Image
+    from tasks import load_jsonl
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "p.png")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "answer": "1", "images": ["p.png"]}) + "\n")
+    ex, = load_jsonl(str(path), "image")
+    assert ex.image.shape == (8, 8, 3) and ex.image[0, 0].tolist() == [255, 0, 0]
+
+
+def test_sixteen_bit_and_float_pictures_are_scaled_not_clipped(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from tasks import load_jsonl
+    half16 = np.full((4, 4), 32768, dtype=np.uint16)
+    Image.fromarray(half16).save(tmp_path / "a.png")                     # a 16-bit grey PNG
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(tmp_path / "b.tiff")
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "a", "answer": "1", "image": f}) + "\n" for f in ("a.png", "b.tiff")))
+    for ex in load_jsonl(str(path), "image"):
+        assert ex.image.dtype == np.uint8 and abs(int(ex.image[0, 0, 0]) - 128) <= 1, ex.source

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import train
-from config import presets
+from config import METHODS, presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,6 +92,16 @@ def test_lr_flags_reach_the_run(tmp_path):
     (["--lr", "0"], "--lr must be a positive number"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--lr-schedule", "linear"], "unknown value 'linear'"),
+    (["--experts", ""], "--experts names no domain"),
+    (["--experts", " , "], "--experts names no domain"),
+    (["--seed", "abc"], "argument --seed: invalid int value: 'abc'"),
+    (["--seed", str(2 ** 64)], "--seed must be from 0 to 2^63 - 1"),
+    (["--seed", "-1"], "--seed must be from 0 to 2^63 - 1"),
+    (["--device", "mps"], "cpu or cuda (cuda:N) only"),
+    (["--device", "meta"], "cpu or cuda (cuda:N) only"),
+    (["--data", "video=a.jsonl"], "video is not among --experts text,image"),
+    (["--data", "text=a.jsonl", "--data", "text=b.jsonl"], "--data names text twice"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_bad_input_is_one_line_no_traceback_nothing_written(tmp_path, args, message):
     out = tmp_path / "out"
@@ -383,3 +393,61 @@ def test_each_stage_leaves_one_line_in_a_log_file(tmp_path):
     assert [line.split("] ")[1].split(":")[0] for line in kept] == ["base", "mixed"]
     assert "mixed: 8 steps" in kept[1] and "text " in kept[1] and "image " in kept[1]
     assert "it/s" not in r.stderr          # no progress bars when the output is not a terminal
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "all"])
+def test_every_method_runs_on_its_own(tmp_path, method):
+    out = tmp_path / method
+    experts = "text" if METHODS[method].min_experts == 1 else "text,image"
+    assert train.main(["--experts", experts, "--method", method, "--preset", "smoke", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    row = {"experts": "experts", "rlvr": "rlvr"}.get(method, method)
+    assert set(results[row]) == set(experts.split(",")) | {"average"}
+
+
+def test_a_second_process_on_a_folder_in_use_stops_at_once_naming_the_holder(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); "
+                               f"from checkpoint import hold_folder; f = hold_folder({str(out)!r}); "
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_cli("--preset", "smoke", "--experts", "text", "--method", "rlvr", "--out", str(out))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert f"is in use by process {holder.pid}" in r.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]          # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder was killed: its lock went with it, and a later run goes ahead
+    r = run_cli("--preset", "smoke", "--experts", "text", "--method", "rlvr", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_an_overwrite_clears_the_earlier_results_before_it_trains(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)]) == 0
+    monkeypatch.setattr(train, "STAGES", {**train.STAGES, "experts": lambda run, layout: (_ for _ in ()).throw(
+        KeyboardInterrupt())})
+    assert train.main(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out),
+                       "--overwrite"]) == 130
+    assert not any((out / f).exists() for f in ("results.json", "results.md", "curves.png"))
+
+
+def test_max_new_tokens_past_the_context_is_one_line(tmp_path):
+    r = run_cli("--preset", "smoke", "--experts", "text", "--method", "rlvr", "--out", str(tmp_path / "o"),
+                "--max-new-tokens", "100000")
+    assert r.returncode == 2 and "--max-new-tokens 100000: the model's context holds 2048 tokens" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_pictures_tokens_count_against_the_context(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (20000, 10)).save(tmp_path / "wide.png")
+    path = bad_data(tmp_path, b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2", "image": "wide.png"}\n')
+    out = tmp_path / "o"
+    r = run_cli("--preset", "smoke", "--experts", "text,image", "--method", "copd", "--out", str(out),
+                "--data", f"image={path}")
+    assert r.returncode == 2 and "d.jsonl:2: the prompt is" in r.stderr and "over the limit of 2038" in r.stderr
+    assert not out.exists()

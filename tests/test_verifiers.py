@@ -118,3 +118,9 @@ def test_math_verify_runs_under_a_cap_and_its_timeouts_are_silent(monkeypatch, c
     assert is_correct("\\frac{2}{4}", "\\frac{1}{2}", "math") and len(caps) == 3     # remembered, not parsed again
     logging.getLogger("math_verify.grader").warning("Timeout during comparison")
     assert "Timeout" not in capsys.readouterr().err
+
+
+def test_a_blank_gold_answer_rewards_nothing():
+    from verifiers import grade
+    assert grade("<answer></answer>", "   ", "math") == (0.1, False)
+    assert grade("<answer> </answer>", "", "exact") == (0.1, False)

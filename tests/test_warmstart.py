@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 from policy import TinyConfig
@@ -101,3 +102,25 @@ def test_a_new_recipe_version_is_cached_apart(monkeypatch):
     name = pi0_name(TINY, cfg, 0)
     monkeypatch.setattr(warmstart, "RECIPE_VERSION", warmstart.RECIPE_VERSION + 1)
     assert pi0_name(TINY, cfg, 0) != name
+
+
+def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path))
+    cfg = WarmStartConfig(steps=2, batch_size=6, train_examples=12)
+    warm_start(TINY, cfg, seed=0, quiet=True)
+    entry = tmp_path / pi0_name(TINY, cfg, 0)
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])                      # cut short
+    model, _ = warm_start(TINY, cfg, seed=0, quiet=True)
+    err = capsys.readouterr().err
+    assert f"the cached π_0 {entry} is damaged" in err and "building it again" in err
+    assert weights.stat().st_size > 1000 and sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_a_cache_location_that_cannot_hold_pi0_is_refused_before_any_work(tmp_path, monkeypatch):
+    from config import UsageError, parse_args, validate
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    monkeypatch.setenv("COPD_CACHE", str(afile))
+    with pytest.raises(UsageError, match="is a file, not a folder"):
+        validate(parse_args(["--out", str(tmp_path / "o"), "--preset", "smoke"]))
