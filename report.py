@@ -170,19 +170,31 @@ SUMMARY_ROWS = ("base", "experts", "expert:{d}", "mixed", "opd", "mopd", "copd",
 
 
 def load_runs(folders: list) -> list:
-    """(results.json, metrics.jsonl rows) of each run folder; a missing file is named."""
-    runs = []
+    """(results.json, metrics.jsonl rows) of each run folder, one folder a seed: a missing or
+    unreadable file is named, and so is a folder listed twice or a run of other experts."""
+    runs, seen = [], {}
     for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise ValueError(f"{folder} is listed twice ({seen[real]}): each run folder counts as one seed")
+        seen[real] = folder
         paths = [os.path.join(folder, f) for f in ("results.json", "metrics.jsonl")]
         for p in paths:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p}: no such file (is {folder} a finished run?)")
-        with open(paths[0]) as f:
-            results = json.load(f)
-        with open(paths[1]) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        runs.append((results, rows))
-    return runs
+        try:
+            with open(paths[0]) as f:
+                results = json.load(f)
+            with open(paths[1]) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{folder}: results.json or metrics.jsonl is not valid JSON ({e})") from None
+        domains = sorted(d for d in results.get("base", {}) if d != "average")
+        if runs and domains != runs[0][2]:
+            raise ValueError(f"{folder} trained {','.join(domains)}, {folders[0]} {','.join(runs[0][2])}: "
+                             "a summary compares runs of the same experts")
+        runs.append((results, rows, domains))
+    return [(results, rows) for results, rows, _ in runs]
 
 
 def summary_table(runs: list) -> str:
@@ -314,7 +326,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     try:
         loaded = load_runs(a.runs)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(summary_table(loaded))

@@ -126,3 +126,24 @@ def test_compute_table_takes_the_first_runs_tokens_and_the_median_wall_time():
              "_wall_s": {"mixed": wall, "copd:text": 2 * wall, "copd:image": 2 * wall}} for wall in (100, 300, 90)]
     rows = compute_table(runs).splitlines()[2:]
     assert rows == ["| mixed | 600 | 1,000 | 0 | 100 s |", "| copd | 1,200 | 1,000 | 0 | 400 s |"]
+
+
+def test_a_folder_listed_twice_a_corrupt_file_or_other_experts_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run_folder(name, domains, results_text=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        row = {d: 0.5 for d in domains}
+        (folder / "results.json").write_text(results_text or json.dumps({"base": {**row, "average": 0.5}}))
+        (folder / "metrics.jsonl").write_text("")
+        return str(folder)
+    a = run_folder("a", ["text", "image"])
+    for folders, message in (([a, a], "is listed twice"),
+                             ([a, run_folder("b", ["text", "image", "video"])], "a summary compares runs of the same experts"),
+                             ([a, run_folder("c", ["text"], "{not json")], "is not valid JSON")):
+        r = subprocess.run([sys.executable, os.path.join(root, "report.py"), *folders], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
