@@ -338,8 +338,8 @@ def main():
         check_device(args.device)
     except UsageError as e:
         ap.exit(2, f"error: {e}\n")
-    sizes = [int(n) if n.strip().isdigit() else 0 for n in args.micro_batch.split(",")] if args.micro_batch else [1]
-    if min(sizes) < 1:
+    sizes = [int(n) if n.strip().isdigit() else 0 for n in (args.micro_batch or "").split(",")]
+    if args.micro_batch and min(sizes) < 1:
         ap.exit(2, f"error: --micro-batch takes comma-separated sizes of at least 1, got '{args.micro_batch}'\n")
     if args.check:
         print(check_table(gpu_check(args.device, args.quick, args.out)))

@@ -122,6 +122,11 @@ class TeacherGrades:
     teacher_full: dict | None
     teacher_top: dict | None = None
 
+    @property
+    def rows(self) -> dict:
+        """{row: what the teacher gave beyond log-probs}: distributions, or top-k ids."""
+        return self.teacher_full if self.teacher_top is None else self.teacher_top
+
 
 @dataclass
 class BranchBatches:
@@ -164,13 +169,11 @@ def branch_update(model, optimizer, proc, own: BranchBatches, grades: dict, rl: 
     batches, stats = [own.native], own.stats
     batches += [cross_branch_batch(g, opd) for g in grades.values()]
     delta = {j: delta_stats(g.rollout, g.teacher_lp) for j, g in grades.items()}
-    graded_rows = {1 + n: set(g.teacher_full if g.teacher_top is None else g.teacher_top)
-                   for n, g in enumerate(grades.values())}
+    graded_rows = {1 + n: set(g.rows) for n, g in enumerate(grades.values())}
     result, seen = update(model, optimizer, proc, batches, rl, sync_grads, graded_rows)
     stats.update(seen[0])
     for n, (j, g) in enumerate(grades.items(), 1):
-        graded = g.teacher_full if g.teacher_top is None else g.teacher_top
-        delta[j].update(rows_distance(seen[n].get("student", {}), graded, g.rollout.mask, opd.overlap_k))
+        delta[j].update(rows_distance(seen[n].get("student", {}), g.rows, g.rollout.mask, opd.overlap_k))
     stats.update(result)
     for j, d in delta.items():
         stats.update({f"{k}_from_{j}": v for k, v in d.items()})

@@ -37,8 +37,8 @@ def test_opd_loss_and_gradient_vanish_when_teacher_is_student(tiny):
         value, _ = backward_tokens(model, proc, batch, w, RL)
         assert abs(value) < 1e-5
         assert max(p.grad.abs().max() for p in model.parameters() if p.grad is not None) < 1e-5
-        stats = opd_step(copy.deepcopy(model), torch.optim.SGD(model.parameters(), lr=0.0), {"text": model}, proc,
-                         exs, RL, cfg)
+        student = copy.deepcopy(model)
+        stats = opd_step(student, torch.optim.SGD(student.parameters(), lr=0.0), {"text": model}, proc, exs, RL, cfg)
         assert abs(stats["opd_delta"]) < 1e-5
         assert stats["overlap"] == 1.0 and abs(stats["sym_kl"]) < 1e-5
     model.zero_grad()
