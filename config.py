@@ -42,6 +42,7 @@ METHODS = {
     "mopd": Method(("base", "mopd"), lambda K: (1, K + 1)),
     "copd": Method(("base", "copd"), lambda K: (K, 1)),
     "copd@equal": Method(("base", "copd@equal"), lambda K: (K, 1)),
+    "copd+equal": Method(("base", "copd", "copd@equal"), lambda K: (K, 1)),   # both budgets (the pull study)
     "all": Method(("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal"), lambda K: (K, K + 1)),
 }
 TOPOLOGIES = ("hub", "all-pairs")
@@ -57,13 +58,15 @@ class Preset:
     max_total_steps: int = 0           # if set, T = min(steps, this // K): K·T stays within it as experts are added
     cycles: int = 4                    # N of CoPD
     difficulty: int = 4                  # tasks.py: levels 1..difficulty; π_0 is taught the easy ones
+    rename_trade: float = 1.0          # tasks.make_rename: the share of rename's clips that trade names (the conflict)
+    rl_opd_ratio: float = 1.5          # CoPD's S_RL : S_OPD (the paper's best; its ablation: 1.5, 1, 0.5)
     train_pool: int = 4000             # training prompts per domain
     eval_size: int = 400               # held-out prompts per domain, final eval
     curve_eval_size: int = 100         # held-out prompts per domain, evals during training
     eval_every: int = 20
     eval_samples: int = 2              # sampled responses per prompt for the mean-over-samples accuracy
     divergence_every: int = 20
-    divergence_prompts: int = 16
+    divergence_prompts: int = 64        # held-out prompts (x 2 samples) per overlap measurement
     lr: float = 2e-4                   # η, the peak learning rate of every loop
     lr_schedule: str = "cosine"        # "cosine" (η down to min_lr_frac·η at a loop's last update) | "constant"
     min_lr_frac: float = 0.1
@@ -131,7 +134,7 @@ class Settings:
                 "--seed": self.seed, "--steps": p.steps, "--model": self.model,
                 "--data": ",".join(f"{d}={path}" for d, path in sorted(self.data.items())), "--lr": p.lr,
                 "--lr-schedule": p.lr_schedule, "--opd-loss": p.opd.loss, "--opd-beta": p.opd.beta,
-                "--loss-agg": p.rl.loss_agg, "--advantage": p.rl.advantage, "--topology": self.topology,
+                "--rename-trade": p.rename_trade, "--rl-opd-ratio": p.rl_opd_ratio, "--loss-agg": p.rl.loss_agg, "--advantage": p.rl.advantage, "--topology": self.topology,
                 "--max-new-tokens": p.rl.sampling.max_new_tokens, "--dtype": self.dtype, "--lora-rank": self.lora_rank}
 
 
@@ -165,6 +168,11 @@ def parse_args(argv=None, description: str = ""):
         ap.add_argument("--" + name.replace("_", "-"), default=None, help=" | ".join(choices))
     ap.add_argument("--opd-beta", type=float, default=None,
                     help="β of Eq. 8, the weight of the OPD advantages beside GRPO's in one update (default 1)")
+    ap.add_argument("--rename-trade", type=float, default=None,
+                    help="rename's conflict with video: the share of its clips whose squares trade names "
+                         "(default 1; 0: video's task on a grey background)")
+    ap.add_argument("--rl-opd-ratio", type=float, default=None,
+                    help="CoPD's S_RL : S_OPD, Phase I steps per Phase II step (default 1.5, the paper's best)")
     ap.add_argument("--topology", default="hub", help=" | ".join(TOPOLOGIES) + " (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -255,7 +263,14 @@ def apply_flags(preset: Preset, args, K: int) -> Preset:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if args.opd_beta is not None and not (math.isfinite(args.opd_beta) and args.opd_beta >= 0):
         raise UsageError(f"--opd-beta must be a number ≥ 0, got {args.opd_beta}")
+    if args.rename_trade is not None and not 0 <= args.rename_trade <= 1:
+        raise UsageError(f"--rename-trade is a share of rename's clips, from 0 to 1, got {args.rename_trade}")
+    if args.rl_opd_ratio is not None and not (math.isfinite(args.rl_opd_ratio) and args.rl_opd_ratio > 0):
+        raise UsageError(f"--rl-opd-ratio must be a positive number (Phase I steps per Phase II step), "
+                         f"got {args.rl_opd_ratio}")
     preset.lr = args.lr or preset.lr
+    preset.rename_trade = preset.rename_trade if args.rename_trade is None else args.rename_trade
+    preset.rl_opd_ratio = args.rl_opd_ratio or preset.rl_opd_ratio
     preset.opd.beta = preset.opd.beta if args.opd_beta is None else args.opd_beta
     if args.max_new_tokens:
         preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens)

@@ -26,6 +26,7 @@ import torch
 from opd import (OPDConfig, delta_stats, distribution_rows, opd_advantages, opd_batch, opd_rollout, rows_distance,
                  teacher_logprobs)
 from memory import clone_policy, folded
+from probes import drift, save_branches
 from rlvr import PGBatch, RLConfig, grpo_batch, update
 from rollout import Rollout
 
@@ -44,7 +45,7 @@ class CoPDConfig:
 def budget_schedule(total_steps: int, cycles: int, ratio: float = 1.5):
     """(S_RL, S_OPD) with N·(S_RL + S_OPD) = total_steps and S_RL : S_OPD ≈ ratio : 1."""
     per_cycle = max(2, round(total_steps / cycles))
-    opd_steps = max(1, round(per_cycle / (1 + ratio)))
+    opd_steps = min(per_cycle - 1, max(1, round(per_cycle / (1 + ratio))))   # each phase at least one step
     return per_cycle - opd_steps, opd_steps
 
 
@@ -225,6 +226,18 @@ class Branches:
             out += [(f"{a}~{b}", model, self.models[b], a) for b in self.teachers_of[a] if a < b]
             out.append((f"{a}~base", model, model0, a))
         return out
+
+    def drift(self, model0) -> dict:
+        """probes.drift: each linked pair's distance and each branch's from π_0, over ‖θ_0‖."""
+        pairs = [(a, b) for a in self.models for b in self.teachers_of[a] if a < b]
+        return drift(self.models, model0, pairs)
+
+    def save(self, folder: str):
+        save_branches(self.models, folder)
+
+    def all_branches(self) -> dict:
+        """{domain: model}: every branch is in this process (the end-of-stage probes need them)."""
+        return self.models
 
     def merge(self):
         return merge_average(list(self.models.values()))

@@ -38,6 +38,7 @@ from copd import PHASE_II, TeacherGrades, branch_batches, branch_seed, branch_up
 from opd import distribution_rows, teacher_logprobs
 from memory import clone_policy, folded
 from policy import prompt_of
+from probes import drift, save_branches
 from rollout import Rollout
 
 
@@ -235,6 +236,22 @@ class RankBranches:
         """None: the probes need two branches in one process; across ranks the OPD batches' own
         overlap (overlap_from_* in the step's statistics) is the measure."""
         return []
+
+    def drift(self, model0) -> dict:
+        """Each branch's distance from π_0 over ‖θ_0‖ (probes.drift); a pair's distance needs
+        both branches in one process, so across ranks it is not measured."""
+        d = self.layout.branch
+        mine = drift({d: self.models[d]}, model0, []) if self.layout.replica == 0 else {}
+        return {k: v for part in gather(mine, "the drift probe") for k, v in part.items()}
+
+    def save(self, folder: str):
+        """Each branch's first replica writes its own file."""
+        if self.layout.replica == 0:
+            save_branches(self.models, folder)
+
+    def all_branches(self) -> None:
+        """None: the ensemble and interpolation probes need every branch in one process."""
+        return None
 
     def merge(self):
         """θ = 1/K Σ_k θ^(k) as one all_reduce (replicas hold equal weights, so dividing the sum

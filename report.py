@@ -7,6 +7,7 @@ Each file is written whole or not at all. Also the summary of several seeds
 """
 
 import json
+import math
 import os
 import statistics
 
@@ -115,8 +116,41 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
         md += ["", "Gradient cosine between domains on π_0: " +
                ", ".join(f"{k} {v:+.3f}" for k, v in results["_grad_cosine"].items())]
     md += ["", "Gain over base (average, points): " + ", ".join(f"{m} {100 * v:+.1f}" for m, v in cost.items())]
+    for method, probes in results.get("_merge_probes", {}).items():
+        md += ["", *merge_probes_md(results, method, probes, domains, curves.get(method, []))]
     _atomic_write(os.path.join(out, "results.md"), "\n".join(md) + "\n")
-    plot_curves(domains, curves, divergence, os.path.join(out, "curves.png"))
+    drift = {m: p["drift"] for m, p in results.get("_merge_probes", {}).items() if p.get("drift")}
+    plot_curves(domains, curves, divergence, os.path.join(out, "curves.png"), drift)
+
+
+def merge_probes_md(results: dict, method: str, probes: dict, domains: list, merged_curve: list) -> list:
+    """results.md's section on one CoPD stage's merge (probes.py): each branch on every domain
+    beside the merged model and the output ensemble, the accuracy along the line between linked
+    branches, the merged model over training, and the drift."""
+    cols = domains + ["average"]
+    row = lambda label, accs: (f"| {label} | " + " | ".join(f"{100 * accs[c]:.1f}" for c in domains) +
+                               f" | {100 * sum(accs[c] for c in domains) / len(domains):.1f} |")
+    md = [f"### The merge of {method} (probes)", "",
+          "Held-out greedy accuracy (%): each branch on every domain, their uniform average (the merged model) "
+          "and their output ensemble (greedy from the mean of the branches' next-token probabilities):", "",
+          "| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    md += [row(f"branch {d}", results[f"{method}:{d}"]) for d in domains if f"{method}:{d}" in results]
+    md += [row("merged (average)", results[method])] if method in results else []
+    md += [row("output ensemble", probes["ensemble"])] if "ensemble" in probes else []
+    for pair, curve in probes.get("interpolation", {}).items():
+        a, b = pair.split("~")
+        md += ["", f"Along (1−α)·θ^({a}) + α·θ^({b}):", "", "| α | " + " | ".join(cols) + " |",
+               "|---" * (len(cols) + 1) + "|"] + [row(f"{alpha:g}", accs) for alpha, accs in curve]
+    if merged_curve:
+        md += ["", "The merged model over training (mean over domains, %; the evals' smaller problem set): " +
+               ", ".join(f"step {step} {100 * sum(a.values()) / len(a):.1f}" for step, a in merged_curve)]
+    if probes.get("drift"):
+        step, last = probes["drift"][-1]
+        md += ["", f"Drift at update {step} (L2 distance over ‖θ_0‖): " +
+               ", ".join(f"{pair} {value:.3f}" for pair, value in last.items())]
+    if f"probes:{method}" in results.get("_wall_s", {}):
+        md += ["", f"The probes took {results['_wall_s'][f'probes:{method}']:.0f} s of this run."]
+    return md
 
 
 def _atomic_write(path: str, text: str):
@@ -136,14 +170,15 @@ def _save_figure(fig, path: str):
     os.replace(tmp, path)
 
 
-def plot_curves(domains: list, curves: dict, divergence: dict, path: str):
-    """Accuracy per domain over training for every model ({name: [(step, {domain: acc})]});
-    top-k overlap between branches (CoPD) against the independently trained experts
-    ({method: {pair: [(step, {"overlap", ...})]}})."""
+def plot_curves(domains: list, curves: dict, divergence: dict, path: str, drift: dict | None = None):
+    """Accuracy per domain over training for every model ({name: [(step, {domain: acc})]}, a
+    CoPD stage's name its merged model); top-k overlap between branches (CoPD) against the
+    independently trained experts ({method: {pair: [(step, {"overlap", ...})]}}); and CoPD's
+    drift ({method: [(step, {pair: distance over ‖θ_0‖})]})."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    n = len(domains) + 1
+    n = len(domains) + 1 + bool(drift)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
     for ax, d in zip(axes, domains):
         for name, points in curves.items():
@@ -151,13 +186,20 @@ def plot_curves(domains: list, curves: dict, divergence: dict, path: str):
                 ax.plot([s for s, _ in points], [100 * a[d] for _, a in points], label=name, marker=".")
         ax.set_title(f"{d}: held-out accuracy"), ax.set_xlabel("step"), ax.set_ylabel("%")
     axes[0].legend(fontsize=7)
-    ax = axes[-1]
+    ax = axes[len(domains)]
     for method, pairs in divergence.items():
         for pair, points in pairs.items():
             style = "-" if "base" not in pair else ":"
             ax.plot([s for s, _ in points], [p["overlap"] for _, p in points], style, marker="o",
                     label=f"{method} {pair}")
     ax.set_title("top-10 overlap"), ax.set_xlabel("step"), ax.legend(fontsize=7)
+    if drift:
+        ax = axes[-1]
+        for method, points in drift.items():
+            for pair in points[-1][1]:
+                ax.plot([s for s, _ in points], [d[pair] for _, d in points], "-" if "base" not in pair else ":",
+                        marker=".", label=f"{method} {pair}")
+        ax.set_title("drift: L2 distance / ‖θ_0‖"), ax.set_xlabel("update"), ax.legend(fontsize=7)
     _save_figure(fig, path)
 
 
@@ -237,45 +279,121 @@ def t_interval(diffs: list) -> tuple:
     return mean, mean - t * sd / n ** 0.5, mean + t * sd / n ** 0.5
 
 
-def final_overlap(rows: list, method: str) -> float | None:
-    """Mean top-k overlap between the method's models (not π_0) at its last measurement."""
+def two_sided_p(t: float, df: int) -> float:
+    """P(|T| ≥ |t|) for Student's t with an integer df, exactly (Abramowitz & Stegun 26.7.3-4):
+    with θ = atan(|t|/√df), P(|T| < |t|) = sin θ·Σ (1·3⋯)/(2·4⋯) cos^(2k) θ for even df, and
+    (2/π)(θ + sin θ·Σ (2·4⋯)/(3·5⋯) cos^(2k+1) θ) for odd df."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    sin, cos = math.sin(theta), math.cos(theta)
+    total, term = 0.0, cos if df % 2 else 1.0
+    for k in range(df % 2, df - 1, 2):
+        total += term
+        term *= (k + 1) / (k + 2) * cos * cos
+    inside = 2 / math.pi * (theta + sin * total) if df % 2 else sin * total
+    return max(0.0, 1.0 - inside)
+
+
+def p_value(diffs: list) -> float:
+    """The paired t-test's two-sided p-value of mean 0 (1.0 with fewer than two seeds)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = (sum((x - mean) ** 2 for x in diffs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    if n < 2:
+        return 1.0
+    if sd == 0:
+        return 0.0 if mean != 0 else 1.0
+    return two_sided_p(mean / (sd / n ** 0.5), n - 1)
+
+
+def holm(p_values: dict) -> dict:
+    """Holm's step-down adjustment: {claim: adjusted p}. Sorted ascending, the i-th of m
+    p-values is multiplied by m − i and kept at least its predecessor's; any claim whose
+    adjusted p is below 0.05 holds with the whole family's error rate at 5%."""
+    adjusted, running = {}, 0.0
+    order = sorted(p_values, key=p_values.get)
+    for i, claim in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * p_values[claim]))
+        adjusted[claim] = running
+    return adjusted
+
+
+def seed_of(rows: list, default):
+    """The run's seed, from its log's config row (`default` for a log without one)."""
+    for r in rows:
+        if r.get("kind") == "config":
+            return r.get("settings", {}).get("seed", default)
+    return default
+
+
+def final_overlap(rows: list, method: str, pairs: set | None = None) -> float | None:
+    """Mean top-k overlap between the method's models (not π_0) at its last measurement, over
+    `pairs` if given (so two methods are compared on the same pairs)."""
     last = {}
     for r in rows:
         if r.get("kind") == "divergence" and r["method"] == method and "base" not in r["pair"]:
-            last[r["pair"]] = r["overlap"]
+            if pairs is None or r["pair"] in pairs:
+                last[r["pair"]] = r["overlap"]
     return sum(last.values()) / len(last) if last else None
 
 
-def claim_differences(runs: list) -> dict:
-    """{claim: per-seed differences in points}, for the claims every run can answer."""
-    domains = [k for k in runs[0][0]["base"] if k != "average"]
+def linked_pairs(rows: list, method: str) -> set:
+    return {r["pair"] for r in rows if r.get("kind") == "divergence" and r["method"] == method and "base" not in r["pair"]}
+
+
+def run_differences(results: dict, rows: list, domains: list) -> dict:
+    """{claim: difference in points} for one run, for the claims it can answer (all "A > B": an
+    undecided test of one is not evidence that A and B are equal)."""
     claims = {"CoPD > mixed RLVR": ("copd", "mixed", "average"),
               "CoPD > MOPD": ("copd", "mopd", "average"),
-              "CoPD > static OPD": ("copd", "opd", "average"),
               "CoPD at mixed RLVR's updates > mixed RLVR": ("copd@equal", "mixed", "average")}
-    claims.update({f"CoPD ≥ the {d} expert on {d}": ("copd", f"expert:{d}", d) for d in domains})
-    out = {}
-    for claim, (a, b, col) in claims.items():
-        if all(a in res and b in res for res, _ in runs):
-            out[claim] = [100 * (res[a][col] - res[b][col]) for res, _ in runs]
-    overlaps = [(final_overlap(rows, "copd"), final_overlap(rows, "experts")) for _, rows in runs]
-    if all(c is not None and e is not None for c, e in overlaps):
-        out["overlap: CoPD branches > experts"] = [100 * (c - e) for c, e in overlaps]
+    # the paper compares CoPD with each direction of static OPD, not with their mean
+    claims.update({f"CoPD > static OPD {m[4:]}": ("copd", m, "average") for m in sorted(results) if m.startswith("opd:")})
+    claims.update({f"CoPD > the {d} expert on {d}": ("copd", f"expert:{d}", d) for d in domains})
+    # merging adds (the paper's Table 3): the merged model above each branch on that branch's domain
+    claims.update({f"merging adds: CoPD > its {d} branch on {d}": ("copd", f"copd:{d}", d) for d in domains})
+    out = {claim: 100 * (results[a][col] - results[b][col]) for claim, (a, b, col) in claims.items()
+           if a in results and b in results}
+    branches = [results[f"copd:{d}"]["average"] for d in domains if f"copd:{d}" in results]
+    if "copd" in results and len(branches) == len(domains):
+        out["merging adds: CoPD > its best branch, average"] = 100 * (results["copd"]["average"] - max(branches))
+    # the branches' agreement at the experts' number of updates (copd@equal: T per branch), on the same pairs
+    pairs = linked_pairs(rows, "copd@equal")
+    ours, theirs = final_overlap(rows, "copd@equal", pairs), final_overlap(rows, "experts", pairs)
+    if ours is not None and theirs is not None:
+        out["overlap: CoPD branches > experts, same pairs at T updates"] = 100 * (ours - theirs)
     return out
+
+
+def claim_differences(runs: list) -> dict:
+    """{claim: per-seed differences in points}, for the claims every run can answer. Runs of one
+    seed (replications) share π_0 and the eval problems: they are pooled into that seed's mean."""
+    domains = [k for k in runs[0][0]["base"] if k != "average"]
+    by_seed = {}
+    for i, (results, rows) in enumerate(runs):
+        by_seed.setdefault(seed_of(rows, f"run {i}"), []).append(run_differences(results, rows, domains))
+    claims = [c for c in run_differences(runs[0][0], runs[0][1], domains)
+              if all(c in d for reps in by_seed.values() for d in reps)]
+    return {c: [sum(d[c] for d in reps) / len(reps) for reps in by_seed.values()] for c in claims}
 
 
 def verdict(low: float, high: float) -> str:
     return "holds" if low > 0 else "fails" if high < 0 else "undecided"
 
 
-def claims_table(runs: list) -> str:
+def claims_table(runs: list, differences: dict | None = None) -> str:
     """Each claim: its per-seed paired differences (points), their mean with a 95% t-interval
-    over seeds, and a verdict: holds (interval above 0), fails (below 0) or undecided."""
-    lines = ["| claim | per seed (points) | mean | 95% interval | verdict |", "|---|---|---|---|---|"]
-    for claim, diffs in claim_differences(runs).items():
+    over seeds and the t-test's p; the verdict (holds: interval above 0, fails: below 0, else
+    undecided) and the verdict after Holm's correction for testing every claim of the table."""
+    differences = differences if differences is not None else claim_differences(runs)
+    p = {claim: p_value(diffs) for claim, diffs in differences.items()}
+    adjusted = holm(p)
+    lines = ["| claim | per seed (points) | mean | 95% interval | p | verdict | Holm-adjusted p | Holm verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for claim, diffs in differences.items():
         mean, low, high = t_interval(diffs)
+        held = "undecided" if adjusted[claim] >= 0.05 else "holds" if mean > 0 else "fails"
         lines.append(f"| {claim} | {', '.join(f'{d:+.1f}' for d in diffs)} | {mean:+.1f} | "
-                     f"[{low:+.1f}, {high:+.1f}] | {verdict(low, high)} |")
+                     f"[{low:+.1f}, {high:+.1f}] | {p[claim]:.3f} | {verdict(low, high)} | {adjusted[claim]:.3f} | {held} |")
     return "\n".join(lines)
 
 

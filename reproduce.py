@@ -5,9 +5,14 @@ paper's claims with paired intervals, each method's compute, the plot).
 
     python reproduce.py                                   # text,image and text,image,video; seeds 0-4
     python reproduce.py --settings text,image --seeds 0,1,2 --lanes 2
+    python reproduce.py --study conflict                  # video,rename at three levels of conflict
+    python reproduce.py --study pull                      # CoPD's distillation pull: β and the OPD share
 
-Runs go to RUNS/<experts>-s<seed> (default runs/reproduction), the reports to DOCS (default
-docs/): reproduction-<experts>.md and .png. Interrupt it and run the same command again: a
+A setting is an --experts list and, after a space, any train.py flags for its runs
+("video,rename --rename-trade 0.5"; a setting's --method replaces `all`). A study is a named
+list of settings and one report over them (study.py). Runs go to
+RUNS/<setting>-s<seed> (default runs/reproduction), the reports beside them (or to --docs):
+reproduction-<setting>.md and .png, study-<study>.md and .png. Interrupt it and run the same command again: a
 finished run is kept, an interrupted one resumes from its newest checkpoint, and one killed
 before its first checkpoint starts over. `--lanes N` runs N runs at a time, each with one
 thread (on 2 cores two one-thread processes beat one two-thread process; more threads than
@@ -16,6 +21,8 @@ cores slow every run tenfold).
 
 import argparse
 import os
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -23,17 +30,58 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from checkpoint import list_checkpoints
-from config import presets
+from config import METHODS, UsageError, apply_flags, parse_args, presets
 from report import claims_table, compute_table, load_runs, plot_reproduction, summary_table
+from tasks import DOMAINS
 from warmstart import pi0_cached
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def command(experts: str, seed: int, out: str, preset: str, extra: list) -> list:
+# the studies (study.py reports them): the conflict dose-response, video ~ rename with rename's
+# name trade on a share p of its clips; and the distillation pull at p = 1, β and S_RL : S_OPD,
+# against the conflict study's p = 1 runs (β = 1, 1.5 : 1)
+STUDIES = {
+    "conflict": [f"video,rename --rename-trade {p}" for p in ("0", "0.5", "1")],
+    "pull": ["video,rename --rename-trade 1"] + [f"video,rename --method copd+equal {knob}" for knob in
+                                                 ("--opd-beta 4", "--opd-beta 16", "--rl-opd-ratio 1", "--rl-opd-ratio 0.5")],
+}
+
+
+def parse_setting(setting: str) -> tuple:
+    """'video,rename --rename-trade 0.5' -> ('video,rename', ['--rename-trade', '0.5'])."""
+    experts, *flags = shlex.split(setting)
+    return experts, flags
+
+
+def folder_name(setting: str) -> str:
+    """A setting as a folder name: 'video,rename --rename-trade 0.5' -> 'video+rename_rename-trade=0.5'."""
+    experts, flags = parse_setting(setting)
+    name = experts.replace(",", "+")
+    for flag in flags:
+        name += f"_{flag[2:]}" if flag.startswith("--") else f"={flag}"
+    return re.sub(r"[^\w.+=@-]", "_", name)
+
+
+def check_setting(setting: str, preset: str) -> str | None:
+    """Why a setting's runs would stop at train.py's checks (an unknown flag, a bad value), or None."""
+    try:
+        experts, flags = parse_setting(setting)
+        args = parse_args(["--experts", experts, "--method", "all", "--preset", preset, *flags])
+        unknown = [d for d in experts.split(",") if d not in DOMAINS] + [m for m in [args.method] if m not in METHODS]
+        if unknown:
+            raise UsageError(f"unknown domain or method {', '.join(unknown)}")
+        apply_flags(presets()[preset], args, len(experts.split(",")))
+    except (UsageError, ValueError) as e:
+        return f"setting '{setting}': {e}"
+    return None
+
+
+def command(setting: str, seed: int, out: str, preset: str, extra: list) -> list:
     """train.py's command line for one run: fresh, resumed or started over."""
+    experts, flags = parse_setting(setting)
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--experts", experts, "--method", "all",
-           "--preset", preset, "--seed", str(seed), "--out", out, *extra]
+           "--preset", preset, "--seed", str(seed), "--out", out, *flags, *extra]
     if list_checkpoints(out):
         return cmd + ["--resume"]
     if os.path.isdir(out) and os.listdir(out):   # killed before its first checkpoint
@@ -63,12 +111,12 @@ def build_pi0(seed: int, preset: str, log_path: str) -> tuple:
                       log_path)
 
 
-def run_one(experts: str, seed: int, out: str, preset: str, extra: list) -> tuple:
+def run_one(setting: str, seed: int, out: str, preset: str, extra: list) -> tuple:
     """One run as a one-thread process, its output in OUT.log; (out, seconds, exit code)."""
     if os.path.isfile(os.path.join(out, "results.json")):
         return out, 0.0, 0
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    return (out, *one_thread(command(experts, seed, out, preset, extra), out + ".log"))
+    return (out, *one_thread(command(setting, seed, out, preset, extra), out + ".log"))
 
 
 def write_report(folders: list, path: str, title: str):
@@ -95,21 +143,28 @@ def write_report(folders: list, path: str, title: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     ap.add_argument("--settings", default="text,image;text,image,video",
-                    help="';'-separated --experts lists (default 'text,image;text,image,video')")
+                    help="';'-separated settings: an --experts list, then any train.py flags "
+                         "(default 'text,image;text,image,video')")
+    ap.add_argument("--study", default=None, help=f"run a study's settings and report it: {' | '.join(STUDIES)}")
     ap.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds (default 0-4)")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--lanes", type=int, default=2, help="runs at a time, one thread each (default 2)")
     ap.add_argument("--runs", default="runs/reproduction", help="where the runs go")
-    ap.add_argument("--docs", default="docs", help="where the reports go")
+    ap.add_argument("--docs", default=None, help="where the reports go (default: the --runs folder)")
     ap.add_argument("--steps", type=int, default=None, help="T, passed to train.py (default: the preset's)")
     a = ap.parse_args(argv)
-    settings = [s.strip() for s in a.settings.split(";") if s.strip()]
+    docs = a.docs or a.runs
+    if a.study is not None and a.study not in STUDIES:
+        print(f"error: --study must be one of {', '.join(STUDIES)}, got '{a.study}'", file=sys.stderr)
+        return 2
+    settings = STUDIES[a.study] if a.study else [s.strip() for s in a.settings.split(";") if s.strip()]
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         print(f"error: --seeds takes comma-separated integers, got '{a.seeds}'", file=sys.stderr)
         return 2
-    if len(set(seeds)) != len(seeds) or len(set(settings)) != len(settings):
+    names = [folder_name(s) for s in settings]
+    if len(set(seeds)) != len(seeds) or len(set(names)) != len(names):
         print(f"error: --seeds and --settings list each value once (two runs of one seed would share one "
               f"folder), got --seeds {a.seeds} --settings '{a.settings}'", file=sys.stderr)
         return 2
@@ -122,17 +177,29 @@ def main(argv=None):
     if a.preset not in presets():
         print(f"error: --preset must be one of {', '.join(presets())}, got '{a.preset}'", file=sys.stderr)
         return 2
+    for path, flag in ((a.runs, "--runs"), (docs, "--docs")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            print(f"error: {flag} {path}: a file, not a folder", file=sys.stderr)
+            return 2
+    bad = next((why for why in (check_setting(s, a.preset) for s in settings) if why), None)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     extra = ["--steps", str(a.steps)] if a.steps else []
-    jobs = [(experts, seed, os.path.join(a.runs, f"{experts.replace(',', '+')}-s{seed}"))
-            for experts in settings for seed in seeds]
+    # a study runs seed by seed (every setting of seed 0 first): its paired comparisons fill in
+    # as it goes; a reproduction setting by setting, so each setting's report comes early
+    order = [(s, seed) for seed in seeds for s in settings] if a.study else [(s, seed) for s in settings for seed in seeds]
+    jobs = [(setting, seed, os.path.join(a.runs, f"{folder_name(setting)}-s{seed}")) for setting, seed in order]
     finished = lambda out: os.path.isfile(os.path.join(out, "results.json"))
 
-    def report(experts: str):
+    def report(setting: str):
         """A setting's report, as soon as its last run finishes (the others may still be running)."""
-        os.makedirs(a.docs, exist_ok=True)
-        path = os.path.join(a.docs, f"reproduction-{experts.replace(',', '+')}")
-        write_report([out for e, _, out in jobs if e == experts], path,
-                     f"--experts {experts} --method all --preset {a.preset}, seeds {a.seeds}")
+        os.makedirs(docs, exist_ok=True)
+        path = os.path.join(docs, f"reproduction-{folder_name(setting)}")
+        experts, flags = parse_setting(setting)
+        method = [] if "--method" in flags else ["--method", "all"]
+        write_report([out for e, _, out in jobs if e == setting], path,
+                     f"{shlex.join(['--experts', experts, *method, '--preset', a.preset, *flags])}, seeds {a.seeds}")
         print(f"wrote {path}.md and {path}.png", flush=True)
 
     preset = presets()[a.preset]
@@ -152,10 +219,10 @@ def main(argv=None):
         finally:
             built[seed].set()   # a failed build fails its runs, in their own logs
 
-    def run_job(experts: str, seed: int, out: str):
+    def run_job(setting: str, seed: int, out: str):
         if seed in built:
             built[seed].wait()
-        return run_one(experts, seed, out, a.preset, extra)
+        return run_one(setting, seed, out, a.preset, extra)
 
     # every π_0 is queued before every run; the pool takes jobs in order
     with ThreadPoolExecutor(a.lanes) as pool:
@@ -166,14 +233,20 @@ def main(argv=None):
             out, took, code = future.result()
             state = "kept" if took == 0 else f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {out}.log"
             print(f"{stamp()} {done}/{len(jobs)} {out}: {state}", flush=True)
-            experts = futures[future]
-            if code == 0 and all(finished(o) for e, _, o in jobs if e == experts):
-                report(experts)
+            setting = futures[future]
+            if code == 0 and all(finished(o) for e, _, o in jobs if e == setting):
+                report(setting)
     failed = [out for _, _, out in jobs if not finished(out)]
     if failed:
         print(f"error: {len(failed)} run(s) did not finish: {', '.join(failed)}; run the same command again "
               "to resume them", file=sys.stderr)
         return 1
+    if a.study:
+        import study   # read when the runs are done: a study's report is the code's of that moment
+        path = os.path.join(docs, f"study-{a.study}")
+        flags = {s: dict(zip(parse_setting(s)[1][::2], parse_setting(s)[1][1::2])) for s in settings}
+        study.write_study_report(a.study, {s: [o for e, _, o in jobs if e == s] for s in settings}, flags, path)
+        print(f"wrote {path}.md and {path}.png", flush=True)
     print(f"reproduction done in {(time.time() - started) / 60:.1f} min")
     return 0
 

@@ -42,10 +42,10 @@ class Run:
         self.domains = list(settings.experts)
         self.rng = random.Random(settings.seed)
         preset, seed, data = settings.preset, settings.seed, settings.data
-        self.train_pool = {d: load_domain(d, "train", preset.train_pool, seed, preset.difficulty, data)
-                           for d in self.domains}
-        self.heldout = {d: load_domain(d, "heldout", preset.eval_size, seed, preset.difficulty, data)
-                        for d in self.domains}
+        self.train_pool = {d: load_domain(d, "train", preset.train_pool, seed, preset.difficulty, data,
+                                          preset.rename_trade) for d in self.domains}
+        self.heldout = {d: load_domain(d, "heldout", preset.eval_size, seed, preset.difficulty, data,
+                                       preset.rename_trade) for d in self.domains}
         # built-in prompts encoded once, for every step and eval that draws them (policy.prompt_of);
         # a user's pictures could take gigabytes at once
         for d in self.domains:

@@ -23,7 +23,10 @@ from 1..difficulty (4 in the presets), and the level sets
           about the square that is not red. Video's inputs and questions bound to the other
           answer, the grey the only cue. The warm start does not teach it: π_0 answers it as
           video, right as often as it picks the other square, and RL on rename pulls against RL on
-          video (the competing pair). A clip has the same split in both domains
+          video (the competing pair). A clip has the same split in both domains. The conflict
+          knob `trade` (`--rename-trade`, default 1): the names are traded in that share of the
+          clips (a hash of the clip decides, so the problems stay the same); in the others rename
+          asks video's question on the grey background. At 0 the pair does not compete at all
 
 Held-out problems are distinct (`builtin_examples` never repeats one), so an eval of n problems
 has a binomial standard error of at most 50/√n points.
@@ -159,11 +162,14 @@ def make_video(rng: random.Random, level: int):
 DUSK = 16                             # rename's background grey: a cue π_0 barely sees (it answers as in video)
 
 
-def make_rename(rng: random.Random, level: int):
+def make_rename(rng: random.Random, level: int, trade: float = 1.0):
     """Two of video's movers at every level, on a dark grey background, where the two squares
-    trade names: "Which way did red move?" asks about the square that is not red."""
+    trade names: "Which way did red move?" asks about the square that is not red. In a share
+    1 − `trade` of the clips the names are not traded (video's question on the grey)."""
     key, ex = make_video(rng, 2)
     video = np.where(ex.video.any(-1, keepdims=True), ex.video, np.uint8(DUSK))
+    if int(hashlib.sha1(f"trade|{key}".encode()).hexdigest()[:8], 16) >= trade * 2 ** 32:
+        return key, Example("rename", ex.prompt, ex.answer, "exact", video=video)
     asked = ex.prompt.split()[3]
     other = next(name for name, rgb in COLORS.items() if name != asked and (ex.video[0] == rgb).all(-1).any())
     return key, Example("rename", ex.prompt.replace(asked, other), ex.answer, "exact", video=video)
@@ -172,19 +178,22 @@ def make_rename(rng: random.Random, level: int):
 GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap, "rename": make_rename}
 
 
-def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 4, levels=None) -> list:
+def builtin_examples(domain: str, split: str, n: int, seed: int, difficulty: int = 4, levels=None,
+                     rename_trade: float = 1.0) -> list:
     """n examples of `split` ("train" | "heldout"), each level drawn uniformly from `levels`
-    (default 1..difficulty). Training examples are i.i.d. (a problem may recur); held-out ones are
+    (default 1..difficulty); `rename_trade`: rename's conflict knob (make_rename). Training
+    examples are i.i.d. (a problem may recur); held-out ones are
     distinct problems, so an eval never counts one problem twice: a level with fewer problems than
     its share (video's one mover: 84 held out) gives all it has, and the rest come from the others."""
     if domain not in GENERATORS:
         raise DataError(f"unknown domain '{domain}' (built-in domains: {', '.join(DOMAINS)})")
     levels = list(levels or range(1, difficulty + 1))
     rng = random.Random(f"{domain}-{split}-{seed}-{levels}")
+    make = (lambda rng, level: make_rename(rng, level, rename_trade)) if domain == "rename" else GENERATORS[domain]
     out, seen, misses = [], set(), 0
     while len(out) < n:
         level = rng.choice(levels)
-        key, ex = GENERATORS[domain](rng, level)
+        key, ex = make(rng, level)
         ex.level = level
         if split_of(key) != split:
             continue
@@ -290,7 +299,8 @@ def load_jsonl(path: str, domain: str) -> list:
     return examples
 
 
-def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, data: dict) -> list:
+def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, data: dict,
+                rename_trade: float = 1.0) -> list:
     """Built-in tasks, or the user's JSONL for this domain (`--data DOMAIN=PATH`): its last
     20% of rows are the held-out split."""
     if domain in data:
@@ -300,7 +310,7 @@ def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, dat
                             f"(the last {HELD_OUT_FRACTION:.0%} of rows are held out): give at least two")
         cut = max(1, int(len(rows) * (1 - HELD_OUT_FRACTION)))
         return (rows[:cut] if split == "train" else rows[cut:])[:n]
-    return builtin_examples(domain, split, n, seed, difficulty)
+    return builtin_examples(domain, split, n, seed, difficulty, rename_trade=rename_trade)
 
 
 def check_prompt_lengths(data: dict, count_tokens, limit: int):

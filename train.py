@@ -49,7 +49,9 @@ from config import METHODS, UsageError, parse_args, validate
 from copd import PHASE_I, PHASE_II, Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
 from memory import clone_policy, memory_plan
 from opd import divergence, opd_step
+from evaluate import accuracy
 from policy import encode_prompt
+from probes import ALPHAS, ensemble_accuracy, interpolate
 from report import budgets, describe_lr, results_table, write_results
 from rlvr import grad_cosine, rlvr_step
 from run import Run, TrainingError
@@ -183,7 +185,7 @@ def train_copd(run: Run, layout=None, name: str = "copd", updates: int | None = 
     K, T = len(run.domains), run.preset.steps
     updates = updates or K * T
     cycles = max(1, min(run.preset.cycles, updates // 2))   # a cycle holds at least one step of each phase
-    rl_steps, opd_steps = budget_schedule(updates, cycles)
+    rl_steps, opd_steps = budget_schedule(updates, cycles, run.preset.rl_opd_ratio)
     cfg = CoPDConfig(cycles=cycles, rl_steps=rl_steps, opd_steps=opd_steps, topology=run.settings.topology)
     if run.writer:
         print(describe(cfg, run.domains), flush=True)
@@ -195,6 +197,7 @@ def train_copd(run: Run, layout=None, name: str = "copd", updates: int | None = 
     start = run.begin_loop(name, models, optimizers)
     if start == 0:
         run.evaluate(models, 0, branches=branches)
+        probe_merge(run, name, 0, branches)
     rl, opd = run.preset.rl, run.preset.opd
     for i, (cycle, phase, in_phase) in enumerate(run.progress(steps, desc=name), 1):
         if i <= start:
@@ -218,6 +221,7 @@ def train_copd(run: Run, layout=None, name: str = "copd", updates: int | None = 
                 log_divergence(run, name, i, student, teacher, pair, domain)
         if i % run.preset.eval_every == 0:
             run.evaluate(models, i, branches=branches)
+            probe_merge(run, name, i, branches)
         run.end_of_step(name, i, models, optimizers, where=f"{name} cycle {cycle} {phase} step {in_phase + 1} (update {i})")
     return branches
 
@@ -232,7 +236,59 @@ def copd(run: Run, layout=None, name: str = "copd", updates: int | None = None):
         for branch, accs in run.evaluate(branches.by_name()[0], updates, final=True, branches=branches).items():
             run.record(branch, accs, updates)
         run.record(name, run.evaluate({name: merged}, updates, final=True, branches=branches)[name], updates)
+        final_probes(run, name, branches)
         run.finish(name)
+
+
+# -----------------------------------------------------------------------------
+# the merge probes (probes.py): why the all-in-one model wins or loses
+
+def probe_merge(run: Run, name: str, step: int, branches):
+    """At an evaluation of the branches: the merged model's held-out accuracy (a curve of its own,
+    `name`) and the branches' drift, apart and from π_0."""
+    started = time.time()
+    run.evaluate({name: branches.merge()}, step, branches=branches)
+    drift = branches.drift(run.model0)
+    run.log(kind="drift", method=name, step=step, **drift)
+    run.results.setdefault("_merge_probes", {}).setdefault(name, {}).setdefault("drift", []).append([step, drift])
+    probe_time(run, name, started)
+
+
+def probe_time(run: Run, name: str, started: float):
+    """The probes' seconds, apart from the stage's own (results.json `_wall_s`, "probes:<name>")."""
+    wall = run.results.setdefault("_wall_s", {})
+    wall[f"probes:{name}"] = round(wall.get(f"probes:{name}", 0) + time.time() - started, 1)
+
+
+def final_probes(run: Run, name: str, branches):
+    """At the end of a CoPD stage: the branches written to OUT/<name>-branches/ (so later probes
+    need no retraining); with every branch in this process, the output ensemble and the accuracy
+    along (1−α)·θ^(a) + α·θ^(b) for each linked pair, on the final eval's problems (greedy)."""
+    started = time.time()
+    branches.save(os.path.join(run.settings.out, f"{name}-branches"))
+    models = branches.all_branches()
+    probes = run.results.setdefault("_merge_probes", {}).setdefault(name, {})
+    if models is not None:
+        heldout = {d: run.heldout[d][:run.preset.eval_size] for d in run.domains}
+        sampling = run.preset.rl.sampling
+        probes["ensemble"] = {d: round(ensemble_accuracy(list(models.values()), run.proc, ex, sampling), 4)
+                              for d, ex in heldout.items()}
+        run.log(kind="probe", method=name, probe="ensemble", accuracy=probes["ensemble"])
+        known = {0.0: "{name}:{a}", 1.0: "{name}:{b}", 0.5: "{name}" if len(models) == 2 else None}
+        probes["interpolation"] = {}
+        for a, b in [(a, b) for a in models for b in branches.teachers_of[a] if a < b]:
+            curve = []
+            for alpha in ALPHAS:
+                if known.get(alpha):
+                    accs = {d: run.results[known[alpha].format(name=name, a=a, b=b)][d] for d in run.domains}
+                else:
+                    between = interpolate(models[a], models[b], alpha)
+                    accs = {d: round(accuracy(between, run.proc, ex, sampling, samples=0)["greedy"], 4)
+                            for d, ex in heldout.items()}
+                curve.append([alpha, accs])
+                run.log(kind="probe", method=name, probe="interpolation", pair=f"{a}~{b}", alpha=alpha, accuracy=accs)
+            probes["interpolation"][f"{a}~{b}"] = curve
+    probe_time(run, name, started)
 
 
 def prompt_tokens(proc, text: str, image=None, video=None) -> int:
@@ -329,6 +385,8 @@ def run_command(args, rank: int) -> int:
             for old in list_checkpoints(out) + [os.path.join(out, f) for f in ("results.json", "results.md", "curves.png")]:
                 if os.path.exists(old):
                     os.remove(old)
+            for old in (os.path.join(out, f"{m}-branches") for m in ("copd", "copd@equal")):
+                shutil.rmtree(old, ignore_errors=True)
     try:
         run = Run(settings, model0, proc, writer)
         run.log(kind="config", settings=settings.as_dict(), recorded=settings.recorded())

@@ -23,6 +23,21 @@ def test_flags_override_the_preset(tmp_path):
         validate(parse_args(["--out", str(tmp_path / "x"), "--opd-beta", "-1"]))
 
 
+def test_the_conflict_and_pull_knobs_reach_the_preset_and_the_record(tmp_path):
+    settings = validate(parse_args(["--out", str(tmp_path / "x"), "--experts", "video,rename",
+                                    "--rename-trade", "0.5", "--rl-opd-ratio", "0.5"]))
+    assert (settings.preset.rename_trade, settings.preset.rl_opd_ratio) == (0.5, 0.5)
+    assert settings.recorded()["--rename-trade"] == 0.5 and settings.recorded()["--rl-opd-ratio"] == 0.5
+    default = validate(parse_args(["--out", str(tmp_path / "y")])).preset
+    assert (default.rename_trade, default.rl_opd_ratio) == (1.0, 1.5)
+    for flags, message in ((["--rename-trade", "1.5"], "from 0 to 1, got 1.5"),
+                           (["--rename-trade", "-0.1"], "from 0 to 1, got -0.1"),
+                           (["--rl-opd-ratio", "0"], "--rl-opd-ratio must be a positive number"),
+                           (["--rl-opd-ratio", "nan"], "--rl-opd-ratio must be a positive number")):
+        with pytest.raises(UsageError, match=message):
+            validate(parse_args(["--out", str(tmp_path / "x"), *flags]))
+
+
 def test_validate_writes_and_deletes_nothing(tmp_path):
     out = tmp_path / "old"
     out.mkdir()

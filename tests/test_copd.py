@@ -26,6 +26,9 @@ def test_neighbours_two_three_and_all_pairs():
 def test_budget_matches_the_experts_and_the_paper_ratio():
     s_rl, s_opd = budget_schedule(total_steps=200, cycles=4)
     assert (s_rl, s_opd) == (30, 20) and 4 * (s_rl + s_opd) == 200
+    # the paper's ablation ratios (S_RL : S_OPD of 1:1 and 1:2); each phase keeps at least one step
+    assert budget_schedule(600, 4, ratio=1.0) == (75, 75) and budget_schedule(600, 4, ratio=0.5) == (50, 100)
+    assert budget_schedule(4, 2, ratio=0.01) == (1, 1) and budget_schedule(4, 2, ratio=100) == (1, 1)
     steps = schedule(CoPDConfig(cycles=2, rl_steps=3, opd_steps=2))
     assert [p for _, p, _ in steps] == ["rl"] * 3 + ["opd"] * 2 + ["rl"] * 3 + ["opd"] * 2
 

@@ -39,7 +39,13 @@ def test_two_ranks_give_the_single_process_results(tmp_path):
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     a.pop("_wall_s"), b.pop("_wall_s")                      # the one thing a rerun does not repeat
+    # the merge probes: across ranks a pair's drift and the ensemble and interpolation (which need
+    # every branch in one process) are not measured; each branch's drift from π_0 is, alike
+    probes_one, probes_two = a.pop("_merge_probes")["copd"], b.pop("_merge_probes")["copd"]
     assert a == b
+    assert [[s, {k: v for k, v in d.items() if "base" in k}] for s, d in probes_one["drift"]] == probes_two["drift"]
+    assert set(probes_two) == {"drift"} and {"ensemble", "interpolation"} <= set(probes_one)
+    assert sorted(os.listdir(tmp_path / "two" / "copd-branches")) == ["image.pt", "text.pt"]
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     trained = {r["model"] for r in rows if r.get("kind") == "train"}
     assert trained == {"copd:text", "copd:image"}          # rank 0 logged both branches

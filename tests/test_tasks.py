@@ -98,6 +98,25 @@ def test_rename_is_video_with_two_squares_that_trade_names_on_a_grey_background(
         assert {(0, -1): "left", (0, 1): "right", (-1, 0): "up", (1, 0): "down"}[way] == ex.answer
 
 
+def test_rename_trade_is_the_share_of_clips_whose_names_trade():
+    """The conflict knob: at 1 every clip trades names (today's rename), at 0 none does (video's
+    answer on the grey), at 0.5 about half; the clips themselves never change, and a clip that
+    trades at a share trades at every larger one."""
+    from tasks import DUSK
+    traded = {}
+    for p in (0.0, 0.5, 1.0):
+        exs = builtin_examples("rename", "train", 400, 0, rename_trade=p)
+        assert all((ex.video.reshape(4, -1, 3) == DUSK).all(-1).any() for ex in exs)
+        traded[p] = [ex.prompt for ex in exs]
+    video_like = builtin_examples("rename", "train", 400, 0, rename_trade=0.0)
+    same = [a == b for a, b in zip(traded[0.5], traded[0.0])]
+    assert not any(a == b for a, b in zip(traded[1.0], traded[0.0]))   # every name traded at 1
+    assert 0.4 < 1 - sum(same) / len(same) < 0.6
+    assert all(a == b or c == a for a, b, c in zip(traded[0.5], traded[0.0], traded[1.0]))
+    assert [ex.answer for ex in video_like] == [ex.answer for ex in builtin_examples("rename", "train", 400, 0)]
+    assert traded[1.0] == [ex.prompt for ex in builtin_examples("rename", "train", 400, 0)]   # the default
+
+
 def test_video_and_rename_share_their_splits():
     """The same clip (and asked square) is held out in both domains."""
     from tasks import make_rename, make_video

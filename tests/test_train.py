@@ -35,12 +35,28 @@ def test_method_all_smoke_writes_every_method(tmp_path):
     assert all(c["rollout_tokens"] >= c["teacher_tokens"] for c in results["_compute"].values())
     assert set(results["_wall_s"]) >= {"base", "expert:text", "mixed", "mopd", "copd"}
     assert (out / "curves.png").stat().st_size > 1000
+    # the merge probes (probes.py): drift at every eval, the merged model over training, the
+    # output ensemble and the interpolation at the end, the branches on disk
+    for name, updates in (("copd", K * T), ("copd@equal", T)):
+        probes = results["_merge_probes"][name]
+        assert [step for step, _ in probes["drift"]] == list(range(0, updates + 1, presets()["smoke"].eval_every))
+        assert set(probes["drift"][0][1]) == {"image~text", "text~base", "image~base"}
+        assert all(v == 0 for v in probes["drift"][0][1].values()) and probes["drift"][-1][1]["image~text"] > 0
+        assert set(probes["ensemble"]) == {"text", "image"}
+        curve = probes["interpolation"]["image~text"]
+        assert [a for a, _ in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+        assert curve[0][1]["text"] == results[f"{name}:image"]["text"] and curve[2][1] == {
+            d: results[name][d] for d in ("text", "image")}
+        assert sorted(os.listdir(out / f"{name}-branches")) == ["image.pt", "text.pt"]
+        assert results["_wall_s"][f"probes:{name}"] >= 0
+    assert "### The merge of copd (probes)" in (out / "results.md").read_text()
     md = (out / "results.md").read_text()
     assert "| copd |" in md and "Budgets" in md and "--seed 0" in md and "| optimizer updates |" in md
     assert f"η = {presets()['smoke'].lr:g}, cosine to" in md
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     kinds = {r["kind"] for r in rows}
-    assert {"config", "train", "eval", "divergence"} <= kinds
+    assert {"config", "train", "eval", "divergence", "drift", "probe"} <= kinds
+    assert any(r["kind"] == "eval" and r["model"] == "copd" and not r["final"] for r in rows)   # merged, over training
     opd_rows = [r for r in rows if r["kind"] == "train" and r.get("phase") == "opd"]
     assert opd_rows and all("overlap_from_image" in r or "overlap_from_text" in r for r in opd_rows)
     assert any(r["kind"] == "divergence" and r["method"] == "experts" for r in rows)
