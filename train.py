@@ -11,27 +11,9 @@ Writes OUT/metrics.jsonl (one JSON object per step and eval), OUT/results.json (
 domain -> held-out greedy accuracy, with "average"), OUT/results.md (the table, budgets and
 seed) and OUT/curves.png.
 
-Where this implementation departs from the paper, on purpose:
-- Learning rate: AdamW (β = (0.9, 0.99), no weight decay) at η = 2e-4 decaying along a cosine to
-  0.1·η over each loop (the paper: 1e-6, constant). The tiny policy learns nothing at 1e-6, and
-  at a constant η its greedy answers keep flipping; `--lr 1e-6 --lr-schedule constant` is the
-  paper's setting.
-- Scale: a 0.5M-parameter Qwen2.5-VL built from a config and warm-started on built-in tasks
-  (the paper: Qwen3-VL-4B-Instruct on public benchmarks); 16 prompts x G = 8 per step on CPU
-  (the paper: 256 x 8); OPD 8 prompts x 8 samples; T = 300 steps per expert (200 with three),
-  K·T ≤ 600.
-- Loss aggregation: token-mean over the whole batch (the paper averages per sequence, then per
-  group: `--loss-agg seq`); token-mean avoids the length bias, as TRL and verl default to.
-- Unstated in the paper, so chosen here: β = 1 in Â_t = β·δ_t (`--opd-beta`; opd.OPDConfig
-  says why); the static-OPD student is the finished expert, trained T steps; the MOPD student
-  is π_0, trained K·T steps, as many as one CoPD branch; the CoPD schedule splits K·T steps into
-  N cycles at S_RL : S_OPD = 1.5 : 1 (printed at start). `copd@equal` is CoPD at mixed RLVR's
-  budget: T updates per branch, K·T in all.
-- Each loop's η starts at the peak, the static-OPD student's too, although its expert ended at
-  0.1·η: distillation is a new objective, and at 0.1·η the static student would take a tenth
-  of the step that MOPD's and CoPD's students take, which would confound the comparison.
-- The top-k reverse KL (`--opd-loss topk`) renormalises both distributions over the student's
-  top k, as TRL does (a true KL, never negative).
+OUT/<stage>-branches/ holds a CoPD stage's final branches. Where this implementation departs
+from the paper, on purpose (the learning rate, the scale, the loss aggregation, and what the
+paper leaves unstated): README.md, "Where this departs from the paper".
 """
 
 import os

@@ -1,5 +1,9 @@
+import atexit
+import functools
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -13,15 +17,21 @@ SMALL = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, in
                    vision_hidden_size=16, vision_depth=1, vision_heads=2)
 
 
-@pytest.fixture(scope="session")
-def tiny():
-    """A random-init tiny Qwen2.5-VL and its processor (fp32)."""
+@functools.cache
+def _tiny():
     tok = build_tokenizer()
     model = build_tiny_policy(tok, SMALL, seed=0)
     return model, make_processor(tok, model)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _test_cache(tmp_path_factory):
-    """One π_0 cache for the whole session (keys are config hashes), never the user's."""
-    os.environ["COPD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def tiny():
+    """A random-init tiny Qwen2.5-VL and its processor (fp32), built once for the whole test run."""
+    return _tiny()
+
+
+def pytest_configure(config):
+    """One π_0 cache for the whole test run (keys are config hashes), never the user's."""
+    cache = tempfile.mkdtemp(prefix="copd-test-cache-")
+    os.environ["COPD_CACHE"] = cache
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
