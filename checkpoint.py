@@ -72,12 +72,13 @@ def load_latest(out: str):
     return None, None, unreadable
 
 
-def recorded_settings(out: str):
-    """The settings the newest readable checkpoint was written under (cheap: tensors are mapped,
-    not read), or None when there is none, or it predates recorded settings."""
+def recorded(out: str, key: str):
+    """`key` of the newest readable checkpoint ("settings": the settings it was written under;
+    "metrics_lines": the lines of metrics.jsonl it accounts for), cheaply (tensors are mapped,
+    not read); None when there is none, or it predates the key."""
     for path in reversed(list_checkpoints(out)):
         try:
-            return _read(path, mmap=True).get("settings")
+            return _read(path, mmap=True).get(key)
         except Exception:
             continue
     return None

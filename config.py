@@ -8,6 +8,7 @@ The methods are declared here, in METHODS; train.py maps each stage to the code 
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from checkpoint import folder_holder, list_checkpoints, recorded_settings
+from checkpoint import folder_holder, list_checkpoints, recorded
 from opd import OPDConfig
 from policy import TinyConfig
 from rlvr import RLConfig
@@ -118,6 +119,7 @@ class Settings:
     grad_ckpt: bool
     lora_rank: int
     dist_timeout: float
+    data_digest: dict = field(default_factory=dict)   # {domain: sha256 of its --data file}: a resume checks contents
 
     @property
     def torch_dtype(self):
@@ -132,7 +134,7 @@ class Settings:
         p = self.preset
         return {"--experts": ",".join(self.experts), "--method": self.method, "--preset": self.preset_name,
                 "--seed": self.seed, "--steps": p.steps, "--model": self.model,
-                "--data": ",".join(f"{d}={path}" for d, path in sorted(self.data.items())), "--lr": p.lr,
+                "--data": ",".join(f"{d}=sha256:{self.data_digest.get(d)}" for d in sorted(self.data)), "--lr": p.lr,
                 "--lr-schedule": p.lr_schedule, "--opd-loss": p.opd.loss, "--opd-beta": p.opd.beta,
                 "--rename-trade": p.rename_trade, "--rl-opd-ratio": p.rl_opd_ratio, "--loss-agg": p.rl.loss_agg, "--advantage": p.rl.advantage, "--topology": self.topology,
                 "--max-new-tokens": p.rl.sampling.max_new_tokens, "--dtype": self.dtype, "--lora-rank": self.lora_rank}
@@ -247,7 +249,8 @@ def validate(args) -> Settings:
     preset = apply_flags(presets()[args.preset], args, len(experts))
     settings = Settings(experts, args.method, args.preset, preset, args.seed, out, args.overwrite, args.resume,
                         args.ckpt_every, args.model, data, args.topology, args.device, args.max_prompt_tokens,
-                        args.dtype, args.grad_ckpt, args.lora_rank, args.dist_timeout)
+                        args.dtype, args.grad_ckpt, args.lora_rank, args.dist_timeout,
+                        {d: file_digest(path) for d, path in data.items()})
     if args.resume:
         check_resume(out, settings.recorded())
     return settings
@@ -314,10 +317,20 @@ def check_out(out: str):
                          "or pass another --out)")
 
 
+def file_digest(path: str) -> str | None:
+    """The first 16 hex digits of a file's SHA-256 (None if it cannot be read: the data check names it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    except OSError:
+        return None
+
+
 def check_resume(out: str, now: dict):
     """--resume continues the run in `out` under its own settings (from its newest checkpoint, or
-    else its log's first line), and never replaces a finished run's results."""
-    before = recorded_settings(out) or logged_settings(out)
+    else its log's first line; a --data file by its contents), never replaces a finished run's
+    results, and needs the log the checkpoint accounts for."""
+    before = recorded(out, "settings") or logged_settings(out)
     differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items()
               if before and before.get(flag) != value]
     if differ:
@@ -326,6 +339,19 @@ def check_resume(out: str, now: dict):
     if os.path.exists(os.path.join(out, "results.json")):
         raise UsageError(f"--resume: {out} holds a finished run (results.json): nothing to resume; "
                          "--overwrite runs it again")
+    accounted = recorded(out, "metrics_lines")
+    if accounted:
+        log = os.path.join(out, "metrics.jsonl")
+        try:
+            with open(log, "rb") as f:
+                lines = sum(1 for _ in f)
+        except OSError:
+            lines = None
+        if lines is None or lines < accounted:
+            state = "is missing" if lines is None else f"holds {lines} lines"
+            raise UsageError(f"--resume: {log} {state}, but the newest checkpoint accounts for {accounted}: the log "
+                             "was deleted or cut short, and a resumed run's compute and curves would be wrong. "
+                             "Restore the log, or start over with --overwrite")
 
 
 def logged_settings(out: str):

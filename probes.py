@@ -93,8 +93,12 @@ def save_branches(models: dict, folder: str):
     os.makedirs(folder, exist_ok=True)
     for d, m in models.items():
         path = os.path.join(folder, f"{d}.pt")
-        torch.save(folded(m).state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        try:
+            torch.save(folded(m).state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+        finally:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
 
 
 def load_branches(folder: str, model0) -> dict:

@@ -86,7 +86,8 @@ def describe_lr(lr: float, schedule: str, min_frac: float) -> str:
 
 def write_results(out: str, results: dict, domains: list, curves: dict, divergence: dict, *,
                   title: str, eval_size: int, budget: dict, learning_rate: str):
-    """results.json, results.md and curves.png, each written whole or not at all. Adds the
+    """results.md, curves.png and results.json, each written whole or not at all, results.json
+    last (it marks a finished run). Adds the
     divergence cost (mixed − expert per domain) to `results` when both ran. `title`: the
     command's defining flags; `budget`: {method: its steps} (budgets()); `learning_rate`:
     describe_lr()."""
@@ -98,7 +99,6 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
             results["_compute"] = compute(results, [json.loads(line) for line in f if line.strip()])
     if "mixed" in results and "experts" in results:
         results["_divergence_cost"] = {d: round(results["mixed"][d] - results["experts"][d], 4) for d in domains}
-    _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1))
     md = [f"# Results: {title}", "",
           f"Held-out greedy accuracy (%) over {eval_size} distinct problems per domain (binomial standard "
           f"error at most {50 / eval_size ** 0.5:.1f} points; each in results.json `_stderr`).", "",
@@ -121,6 +121,8 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
     _atomic_write(os.path.join(out, "results.md"), "\n".join(md) + "\n")
     drift = {m: p["drift"] for m, p in results.get("_merge_probes", {}).items() if p.get("drift")}
     plot_curves(domains, curves, divergence, os.path.join(out, "curves.png"), drift)
+    # last: a results.json marks a finished run (reproduce.py keeps it, --resume refuses it)
+    _atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1))
 
 
 def merge_probes_md(results: dict, method: str, probes: dict, domains: list, merged_curve: list) -> list:
@@ -155,9 +157,13 @@ def merge_probes_md(results: dict, method: str, probes: dict, domains: list, mer
 
 def _atomic_write(path: str, text: str):
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _save_figure(fig, path: str):

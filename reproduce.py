@@ -63,10 +63,16 @@ def folder_name(setting: str) -> str:
     return re.sub(r"[^\w.+=@-]", "_", name)
 
 
+OWN_FLAGS = ("--experts", "--seed", "--out", "--preset", "--resume", "--overwrite", "--steps")
+
+
 def check_setting(setting: str, preset: str) -> str | None:
     """Why a setting's runs would stop at train.py's checks (an unknown flag, a bad value), or None."""
     try:
         experts, flags = parse_setting(setting)
+        owned = [f for f in flags if f.split("=")[0] in OWN_FLAGS]
+        if owned:
+            raise UsageError(f"{', '.join(owned)}: reproduce.py sets these for every run")
         args = parse_args(["--experts", experts, "--method", "all", "--preset", preset, *flags])
         unknown = [d for d in experts.split(",") if d not in DOMAINS] + [m for m in [args.method] if m not in METHODS]
         if unknown:
@@ -158,11 +164,19 @@ def main(argv=None):
         print(f"error: --study must be one of {', '.join(STUDIES)}, got '{a.study}'", file=sys.stderr)
         return 2
     settings = STUDIES[a.study] if a.study else [s.strip() for s in a.settings.split(";") if s.strip()]
+    if not settings:
+        print(f"error: --settings names no setting, got '{a.settings}'", file=sys.stderr)
+        return 2
     try:
         seeds = [int(s) for s in a.seeds.split(",")]
     except ValueError:
         print(f"error: --seeds takes comma-separated integers, got '{a.seeds}'", file=sys.stderr)
         return 2
+    for s in settings:
+        why = check_setting(s, a.preset if a.preset in presets() else "cpu")
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
     names = [folder_name(s) for s in settings]
     if len(set(seeds)) != len(seeds) or len(set(names)) != len(names):
         print(f"error: --seeds and --settings list each value once (two runs of one seed would share one "
@@ -178,13 +192,12 @@ def main(argv=None):
         print(f"error: --preset must be one of {', '.join(presets())}, got '{a.preset}'", file=sys.stderr)
         return 2
     for path, flag in ((a.runs, "--runs"), (docs, "--docs")):
-        if os.path.exists(path) and not os.path.isdir(path):
-            print(f"error: {flag} {path}: a file, not a folder", file=sys.stderr)
+        above = os.path.abspath(path)
+        while not os.path.exists(above):
+            above = os.path.dirname(above)
+        if not os.path.isdir(above):
+            print(f"error: {flag} {path}: {above} is a file, not a folder", file=sys.stderr)
             return 2
-    bad = next((why for why in (check_setting(s, a.preset) for s in settings) if why), None)
-    if bad:
-        print(f"error: {bad}", file=sys.stderr)
-        return 2
     extra = ["--steps", str(a.steps)] if a.steps else []
     # a study runs seed by seed (every setting of seed 0 first): its paired comparisons fill in
     # as it goes; a reproduction setting by setting, so each setting's report comes early

@@ -7,6 +7,7 @@ train.py's loops call, per step: `set_lr` → their update → `log` → `check_
 few steps) `evaluate` → `end_of_step` (which checkpoints every --ckpt-every steps).
 """
 
+import errno
 import json
 import math
 import os
@@ -29,7 +30,16 @@ MAX_SKIPPED_IN_A_ROW = 5
 
 
 class TrainingError(Exception):
-    """Training cannot go on (e.g. non-finite losses): printed as one line, exit code 3."""
+    """Training cannot go on (non-finite losses, a full disk): printed as one line, exit code 3."""
+
+
+def unwritable(out: str, what: str, error: Exception) -> str:
+    """One line for a write into OUT that failed, a full disk above all (torch's writer says
+    so as a RuntimeError, the rest as OSError ENOSPC)."""
+    text = str(error)
+    full = getattr(error, "errno", None) == errno.ENOSPC or "write failed" in text or "failed writing" in text
+    reason = "no space left on its device" if full else (text.strip().splitlines() or [type(error).__name__])[0][:200]
+    return f"could not write {what} in {out}: {reason}"
 
 
 class Run:
@@ -82,8 +92,12 @@ class Run:
 
     def log(self, **row):
         row["time"] = round(time.time() - self.t0, 2)
-        self.log_file.write(json.dumps(row) + "\n")
-        self.log_file.flush()
+        try:
+            self.log_file.write(json.dumps(row) + "\n")
+            self.log_file.flush()
+        except OSError as e:
+            raise TrainingError(unwritable(self.settings.out, "metrics.jsonl", e) + "; the last complete "
+                                "checkpoint is kept: free space, then --resume") from None
         self.lines += 1
 
     def check_finite(self, model: str, step: int, stats: dict):
@@ -175,6 +189,13 @@ class Run:
         every = self.settings.ckpt_every
         if not every or step % every:
             return
+        try:
+            self._save(loop, step, models, optimizers, where)
+        except (OSError, RuntimeError) as e:   # the half-written file is gone; the one before it stays
+            raise TrainingError(unwritable(self.settings.out, "a checkpoint", e) + "; the last complete "
+                                "checkpoint is kept: free space, then --resume") from None
+
+    def _save(self, loop: str, step: int, models: dict, optimizers: dict, where: str):
         save_checkpoint(self.settings.out, {
             "loop": loop, "step": step, "where": where or f"{loop} step {step}",
             "completed": list(self.completed), "models": {k: m.state_dict() for k, m in self.models.items()},

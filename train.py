@@ -36,7 +36,7 @@ from policy import encode_prompt
 from probes import ALPHAS, ensemble_accuracy, interpolate
 from report import budgets, describe_lr, results_table, write_results
 from rlvr import grad_cosine, rlvr_step
-from run import Run, TrainingError
+from run import Run, TrainingError, unwritable
 from tasks import DataError, check_prompt_lengths, load_domain
 from warmstart import ModelError, load_pi0
 
@@ -247,7 +247,11 @@ def final_probes(run: Run, name: str, branches):
     need no retraining); with every branch in this process, the output ensemble and the accuracy
     along (1−α)·θ^(a) + α·θ^(b) for each linked pair, on the final eval's problems (greedy)."""
     started = time.time()
-    branches.save(os.path.join(run.settings.out, f"{name}-branches"))
+    try:
+        branches.save(os.path.join(run.settings.out, f"{name}-branches"))
+    except (OSError, RuntimeError) as e:
+        raise TrainingError(unwritable(run.settings.out, f"the {name} branches", e) + "; the last complete "
+                            "checkpoint is kept: free space, then --resume") from None
     models = branches.all_branches()
     probes = run.results.setdefault("_merge_probes", {}).setdefault(name, {})
     if models is not None:
@@ -382,13 +386,17 @@ def run_command(args, rank: int) -> int:
         for name in METHODS[settings.method].stages:
             STAGES[name](run, layout)
         if writer:
-            write_results(out, run.results, run.domains, run.curves, run.divergence,
-                          title=f"--experts {','.join(run.domains)} --method {settings.method} "
-                                f"--preset {settings.preset_name} --seed {settings.seed}",
-                          eval_size=len(run.heldout[run.domains[0]]),
-                          budget=budgets(K, settings.preset.steps, settings.model),
-                          learning_rate=describe_lr(settings.preset.lr, settings.preset.lr_schedule,
-                                                    settings.preset.min_lr_frac))
+            try:
+                write_results(out, run.results, run.domains, run.curves, run.divergence,
+                              title=f"--experts {','.join(run.domains)} --method {settings.method} "
+                                    f"--preset {settings.preset_name} --seed {settings.seed}",
+                              eval_size=len(run.heldout[run.domains[0]]),
+                              budget=budgets(K, settings.preset.steps, settings.model),
+                              learning_rate=describe_lr(settings.preset.lr, settings.preset.lr_schedule,
+                                                        settings.preset.min_lr_frac))
+            except OSError as e:   # each file is written whole or not at all
+                raise TrainingError(unwritable(out, "the results", e) + "; the last complete checkpoint is kept: "
+                                    "free space, then --resume") from None
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         if tmp_out:

@@ -42,14 +42,14 @@ def test_rng_state_round_trip():
 
 
 def test_a_truncated_newest_checkpoint_gives_way_to_the_older_one(tmp_path):
-    from checkpoint import recorded_settings
+    from checkpoint import recorded
     older = save_checkpoint(str(tmp_path), {"step": 1, "settings": {"--seed": 0}})
     newest = save_checkpoint(str(tmp_path), {"step": 2, "weights": torch.ones(1000), "settings": {"--seed": 0}})
     with open(newest, "r+b") as f:      # a copy cut short
         f.truncate(os.path.getsize(newest) // 2)
     path, snap, unreadable = load_latest(str(tmp_path))
     assert (path, snap["step"], unreadable) == (older, 1, [newest])
-    assert recorded_settings(str(tmp_path)) == {"--seed": 0}
+    assert recorded(str(tmp_path), "settings") == {"--seed": 0}
 
 
 def test_a_resume_under_other_settings_is_one_line_naming_the_flags(tmp_path):
@@ -82,3 +82,29 @@ def test_resume_checks_a_folder_without_checkpoints_and_never_replaces_a_finishe
     r = run("--seed", "3", "--resume")
     assert r.returncode == 2 and "holds a finished run" in r.stderr
     assert (out / "results.json").read_bytes() == before
+
+
+def test_a_resume_whose_log_was_deleted_or_cut_short_is_refused_in_one_line(tmp_path):
+    """The checkpoint accounts for N lines of metrics.jsonl: with fewer, a resumed run's compute
+    and curves would be wrong, so --resume names the file and stops, touching nothing."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "r"
+    run = lambda *extra: subprocess.run([sys.executable, "train.py", "--method", "copd", "--preset", "smoke",
+                                         "--steps", "2", "--ckpt-every", "1", "--out", str(out), *extra],
+                                        cwd=root, capture_output=True, text=True)
+    assert run().returncode == 0
+    (out / "results.json").unlink()                       # as if killed after its last checkpoint
+    log = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(log[:3]))
+    before = sorted(os.listdir(out))
+    r = run("--resume")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "metrics.jsonl holds 3 lines, but the newest checkpoint accounts for" in r.stderr
+    (out / "metrics.jsonl").unlink()
+    r = run("--resume")
+    assert r.returncode == 2 and "metrics.jsonl is missing" in r.stderr
+    assert sorted(os.listdir(out)) == [p for p in before if p != "metrics.jsonl"]
+    (out / "metrics.jsonl").write_text("".join(log))      # the whole log back: the resume goes on
+    assert run("--resume").returncode == 0 and (out / "results.json").exists()

@@ -65,3 +65,21 @@ def test_settings_are_a_frozen_value(tmp_path):
     assert s.experts == ("text", "image") and s.data == {"text": "a.jsonl"} and s.out == str(tmp_path / "x")
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.seed = 3
+
+
+def test_resume_compares_a_data_file_by_its_contents_not_its_path(tmp_path):
+    """The same file by another path resumes; changed contents under the same path are refused."""
+    import shutil
+    from checkpoint import save_checkpoint
+    data = tmp_path / "text.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": "2+2", "answer": "4"}\n')
+    out = tmp_path / "run"
+    settings = lambda path, *flags: validate(parse_args(["--experts", "text", "--method", "rlvr", "--out", str(out),
+                                                         "--data", f"text={path}", *flags]))
+    out.mkdir()
+    save_checkpoint(str(out), {"settings": settings(data).recorded()})
+    shutil.copy(data, tmp_path / "copy.jsonl")
+    assert settings(tmp_path / "copy.jsonl", "--resume").resume                 # another path, same bytes
+    data.write_text('{"prompt": "1+1", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')
+    with pytest.raises(UsageError, match="--resume: .* holds a run with other settings: --data text=sha256:"):
+        settings(data, "--resume")

@@ -58,3 +58,44 @@ def test_a_repeated_seed_or_setting_is_refused(tmp_path, capsys):
         assert reproduce.main([*flags, "--runs", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]) == 2
         assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_bad_folders_settings_and_studies_are_one_line_before_any_run(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    cases = [(["--docs", str(tmp_path / "file")], "--docs"), (["--runs", str(tmp_path / "file" / "runs")], "is a file"),
+             (["--settings", 'video,rename --rename-trade "0.5'], "No closing quotation"),
+             (["--settings", "text,image --seed 3"], "reproduce.py sets these for every run"),
+             (["--settings", "text,image --bogus 1"], "unrecognized arguments: --bogus"),
+             (["--settings", "text,image --rename-trade 2"], "from 0 to 1"),
+             (["--settings", "text,imagex"], "unknown domain or method imagex"),
+             (["--settings", ";"], "names no setting"), (["--study", "dose"], "--study must be one of")]
+    for flags, message in cases:
+        assert reproduce.main([*flags, "--runs", str(tmp_path / "runs")] if "--runs" not in flags else flags) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (flags, err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_setting_carries_its_flags_into_its_folder_name_and_command():
+    assert reproduce.folder_name("video,rename --rename-trade 0.5") == "video+rename_rename-trade=0.5"
+    assert reproduce.folder_name("video,rename --method copd+equal --opd-beta 4") == \
+        "video+rename_method=copd+equal_opd-beta=4"
+    cmd = reproduce.command("video,rename --method copd+equal", 2, "out", "cpu", [])
+    assert cmd[cmd.index("--experts") + 1] == "video,rename" and cmd[-2:] == ["--method", "copd+equal"]
+    assert cmd.index("--method") < len(cmd) - 2                       # train.py takes the last --method
+
+
+def test_the_conflict_study_runs_and_reports_its_dose_response(tmp_path, monkeypatch):
+    """Three levels of conflict, one seed each (smoke): each setting's report and the study's,
+    with the dose-response table, the predictions' slopes and the probes' plot, beside the runs."""
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    assert reproduce.main(["--study", "conflict", "--seeds", "0", "--preset", "smoke", "--steps", "1",
+                           "--runs", str(runs)]) == 0
+    assert sorted(p.name for p in runs.glob("video+rename_rename-trade=*-s0")) == [
+        "video+rename_rename-trade=0-s0", "video+rename_rename-trade=0.5-s0", "video+rename_rename-trade=1-s0"]
+    study = (runs / "study-conflict.md").read_text()
+    assert "| measure | p = 0 | p = 0.5 | p = 1 | slope over p |" in study
+    assert "| mixed − expert on video falls with p |" in study and "| CoPD − mixed RLVR rises with p |" in study
+    assert "| CoPD: ensemble − merged |" in study and (runs / "study-conflict.png").stat().st_size > 1000
+    assert (runs / "reproduction-video+rename_rename-trade=0.5.md").exists()

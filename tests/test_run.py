@@ -51,3 +51,51 @@ def test_a_resumed_stage_keeps_counting_its_wall_time_from_the_checkpoint(tmp_pa
                                "metrics_lines": 0, "settings": settings.recorded(), "stage_seconds": 100.0})
     run = Run(replace(settings, resume=True), model0, proc, True)
     assert 100.0 <= time.time() - run.stage_t0 < 160.0
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The disk fills at the third checkpoint (torch's writer raises RuntimeError), then while
+    writing metrics.jsonl (OSError ENOSPC), then at curves.png: each time one line naming OUT,
+    exit 3, no half-written file, and the run resumes from the last complete checkpoint."""
+    import errno
+    import checkpoint
+    import report
+    import train
+    out = tmp_path / "full"
+    args = ["--experts", "text,image", "--method", "copd", "--preset", "smoke", "--steps", "2", "--ckpt-every", "1",
+            "--out", str(out)]
+    real_save, saves = checkpoint.torch.save, []
+
+    def save(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) == 3:
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    assert train.main(args) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: could not write a checkpoint in {out}: no space left on its device; the last complete "
+                   "checkpoint is kept: free space, then --resume"]
+    assert [p.name for p in sorted(out.glob("ckpt-*"))] == ["ckpt-00001.pt", "ckpt-00002.pt"]
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+
+    import run as run_module
+    real_log, calls = run_module.Run.log, []
+
+    def log(self, **row):
+        calls.append(1)
+        if len(calls) == 4:
+            self.log_file.write = lambda text: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        return real_log(self, **row)
+    monkeypatch.setattr(run_module.Run, "log", log)
+    assert train.main(args + ["--resume"]) == 3
+    assert "could not write metrics.jsonl in" in capsys.readouterr().err
+    monkeypatch.setattr(run_module.Run, "log", real_log)
+
+    real_figure = report._save_figure
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    assert train.main(args + ["--resume"]) == 3
+    assert "could not write the results in" in capsys.readouterr().err and not list(out.glob("*.tmp*"))
+    monkeypatch.setattr(report, "_save_figure", real_figure)
+    assert train.main(args + ["--resume"]) == 0 and (out / "results.json").exists()

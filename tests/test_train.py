@@ -287,6 +287,43 @@ def test_a_killed_run_resumes_to_the_same_results(tmp_path):
     assert strip(rows) == strip(whole_rows)
 
 
+KILL_ARGS = ["--experts", "text,image", "--method", "all", "--preset", "smoke", "--steps", "2", "--ckpt-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    assert train.main(KILL_ARGS + ["--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("at", [0.15, 0.5, 0.85])
+def test_a_kill_at_any_point_resumes_to_the_same_results(tmp_path, uninterrupted, at):
+    """SIGKILL once the log holds a share `at` of an uninterrupted run's lines (in the experts,
+    in static OPD or MOPD, in CoPD), then --resume: the results and the log equal the
+    uninterrupted run's, every method's."""
+    import signal
+    import time
+    whole_rows = (uninterrupted / "metrics.jsonl").read_text().splitlines()
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *KILL_ARGS, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    metrics, deadline = killed / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= at * len(whole_rows):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists(), "the run finished before it could be killed"
+    assert train.main(KILL_ARGS + ["--out", str(killed), "--resume"]) == 0
+    untimed = lambda path: {k: v for k, v in json.loads(path.read_text()).items() if k != "_wall_s"}
+    assert untimed(killed / "results.json") == untimed(uninterrupted / "results.json")
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "time"} for r in rows
+                          if json.loads(r)["kind"] != "config"]
+    assert strip((killed / "metrics.jsonl").read_text().splitlines()) == strip(whole_rows)
+
+
 def test_memory_options_run_through_to_results(tmp_path):
     pytest.importorskip("peft")
     out = tmp_path / "lora"
