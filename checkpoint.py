@@ -8,10 +8,15 @@ done, the results, curves and divergence measurements so far, and how many lines
 metrics.jsonl they account for, and the settings that define the run (a resume with other
 settings is refused). It is written to a temporary name and renamed only when
 complete (a rename is atomic), and only the newest two are kept.
+
+Also what a run folder may hold before a run starts (`why_not_out`, `why_not_resume`: config.py
+turns a reason into a one-line error) and the lock that keeps one run per folder.
 """
 
 import fcntl
 import glob
+import hashlib
+import json
 import os
 import random
 
@@ -82,6 +87,70 @@ def recorded(out: str, key: str):
         except Exception:
             continue
     return None
+
+
+# -----------------------------------------------------------------------------
+# what a folder may hold before a run starts: each check returns why not, or None
+
+def why_not_out(out: str) -> str | None:
+    """--out must be a folder this process can write, and not in use (noticed before π_0 is built)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out}: a file, not a folder"
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        return f"--out {out}: cannot write in {parent}"
+    holder = folder_holder(out)
+    if holder is not None:
+        return f"{out} is in use by process {holder}: one folder holds one run (wait for it, or pass another --out)"
+    return None
+
+
+def file_digest(path: str) -> str | None:
+    """The first 16 hex digits of a file's SHA-256 (None if it cannot be read: the data check names it)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    except OSError:
+        return None
+
+
+def why_not_resume(out: str, now: dict) -> str | None:
+    """--resume continues the run in `out` under its own settings `now` (compared with its newest
+    checkpoint's, or else its log's first line; a --data file by its contents), never replaces a
+    finished run's results, and needs the log the checkpoint accounts for."""
+    before = recorded(out, "settings") or logged_settings(out)
+    differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items()
+              if before and before.get(flag) != value]
+    if differ:
+        return (f"--resume: {out} holds a run with other settings: {'; '.join(differ)}. Resume with its settings, "
+                "or start over with --overwrite")
+    if os.path.exists(os.path.join(out, "results.json")):
+        return f"--resume: {out} holds a finished run (results.json): nothing to resume; --overwrite runs it again"
+    accounted = recorded(out, "metrics_lines")
+    if accounted:
+        log = os.path.join(out, "metrics.jsonl")
+        try:
+            with open(log, "rb") as f:
+                lines = sum(1 for _ in f)
+        except OSError:
+            lines = None
+        if lines is None or lines < accounted:
+            state = "is missing" if lines is None else f"holds {lines} lines"
+            return (f"--resume: {log} {state}, but the newest checkpoint accounts for {accounted}: the log was "
+                    "deleted or cut short, and a resumed run's compute and curves would be wrong. Restore the log, "
+                    "or start over with --overwrite")
+    return None
+
+
+def logged_settings(out: str):
+    """The settings in the first line of OUT/metrics.jsonl (the run's config row), or None."""
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return json.loads(f.readline()).get("recorded")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # -----------------------------------------------------------------------------

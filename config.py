@@ -8,8 +8,6 @@ The methods are declared here, in METHODS; train.py maps each stage to the code 
 
 import argparse
 import copy
-import hashlib
-import json
 import math
 import os
 import re
@@ -18,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from checkpoint import folder_holder, list_checkpoints, recorded
+from checkpoint import file_digest, list_checkpoints, why_not_out, why_not_resume
 from opd import OPDConfig
 from policy import TinyConfig
 from rlvr import RLConfig
@@ -242,7 +240,8 @@ def validate(args) -> Settings:
     if not args.model and check_cache_dir():
         raise UsageError(check_cache_dir())
     out = args.out or os.path.join("runs", f"{args.method}-{'-'.join(experts)}-s{args.seed}")
-    check_out(out)
+    if why_not_out(out):
+        raise UsageError(why_not_out(out))
     earlier = os.path.exists(os.path.join(out, "results.json")) or list_checkpoints(out)
     if earlier and not (args.overwrite or args.resume):
         raise UsageError(f"{out} already holds a run: pass --resume, --overwrite or another --out")
@@ -251,8 +250,8 @@ def validate(args) -> Settings:
                         args.ckpt_every, args.model, data, args.topology, args.device, args.max_prompt_tokens,
                         args.dtype, args.grad_ckpt, args.lora_rank, args.dist_timeout,
                         {d: file_digest(path) for d, path in data.items()})
-    if args.resume:
-        check_resume(out, settings.recorded())
+    if args.resume and why_not_resume(out, settings.recorded()):
+        raise UsageError(why_not_resume(out, settings.recorded()))
     return settings
 
 
@@ -300,64 +299,3 @@ def check_device(device: str):
                          "use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(f"--device {device}: there are {torch.cuda.device_count()} GPUs")
-
-
-def check_out(out: str):
-    """--out must be a folder this process can write (noticed now, not after π_0 is built)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out}: a file, not a folder")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
-        raise UsageError(f"--out {out}: cannot write in {parent}")
-    holder = folder_holder(out)
-    if holder is not None:
-        raise UsageError(f"{out} is in use by process {holder}: one folder holds one run (wait for it, "
-                         "or pass another --out)")
-
-
-def file_digest(path: str) -> str | None:
-    """The first 16 hex digits of a file's SHA-256 (None if it cannot be read: the data check names it)."""
-    try:
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    except OSError:
-        return None
-
-
-def check_resume(out: str, now: dict):
-    """--resume continues the run in `out` under its own settings (from its newest checkpoint, or
-    else its log's first line; a --data file by its contents), never replaces a finished run's
-    results, and needs the log the checkpoint accounts for."""
-    before = recorded(out, "settings") or logged_settings(out)
-    differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items()
-              if before and before.get(flag) != value]
-    if differ:
-        raise UsageError(f"--resume: {out} holds a run with other settings: {'; '.join(differ)}. Resume with "
-                         "its settings, or start over with --overwrite")
-    if os.path.exists(os.path.join(out, "results.json")):
-        raise UsageError(f"--resume: {out} holds a finished run (results.json): nothing to resume; "
-                         "--overwrite runs it again")
-    accounted = recorded(out, "metrics_lines")
-    if accounted:
-        log = os.path.join(out, "metrics.jsonl")
-        try:
-            with open(log, "rb") as f:
-                lines = sum(1 for _ in f)
-        except OSError:
-            lines = None
-        if lines is None or lines < accounted:
-            state = "is missing" if lines is None else f"holds {lines} lines"
-            raise UsageError(f"--resume: {log} {state}, but the newest checkpoint accounts for {accounted}: the log "
-                             "was deleted or cut short, and a resumed run's compute and curves would be wrong. "
-                             "Restore the log, or start over with --overwrite")
-
-
-def logged_settings(out: str):
-    """The settings in the first line of OUT/metrics.jsonl (the run's config row), or None."""
-    try:
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            return json.loads(f.readline()).get("recorded")
-    except (OSError, ValueError, AttributeError):
-        return None
