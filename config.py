@@ -57,6 +57,7 @@ class Preset:
     max_total_steps: int = 0           # if set, T = min(steps, this // K): K·T stays within it as experts are added
     cycles: int = 4                    # N of CoPD
     difficulty: int = 4                  # tasks.py: levels 1..difficulty; π_0 is taught the easy ones
+    train_levels: tuple = ()          # the levels training prompts draw (evals draw 1..difficulty); () = the same
     rename_trade: float = 1.0          # tasks.make_rename: the share of rename's clips that trade names (the conflict)
     rl_opd_ratio: float = 1.5          # CoPD's S_RL : S_OPD (the paper's best; its ablation: 1.5, 1, 0.5)
     train_pool: int = 4000             # training prompts per domain
@@ -134,7 +135,7 @@ class Settings:
                 "--seed": self.seed, "--steps": p.steps, "--model": self.model,
                 "--data": ",".join(f"{d}=sha256:{self.data_digest.get(d)}" for d in sorted(self.data)), "--lr": p.lr,
                 "--lr-schedule": p.lr_schedule, "--opd-loss": p.opd.loss, "--opd-beta": p.opd.beta,
-                "--rename-trade": p.rename_trade, "--rl-opd-ratio": p.rl_opd_ratio, "--loss-agg": p.rl.loss_agg, "--advantage": p.rl.advantage, "--topology": self.topology,
+                "--train-levels": ",".join(map(str, p.train_levels)), "--rename-trade": p.rename_trade, "--rl-opd-ratio": p.rl_opd_ratio, "--loss-agg": p.rl.loss_agg, "--advantage": p.rl.advantage, "--topology": self.topology,
                 "--max-new-tokens": p.rl.sampling.max_new_tokens, "--dtype": self.dtype, "--lora-rank": self.lora_rank}
 
 
@@ -168,6 +169,8 @@ def parse_args(argv=None, description: str = ""):
         ap.add_argument("--" + name.replace("_", "-"), default=None, help=" | ".join(choices))
     ap.add_argument("--opd-beta", type=float, default=None,
                     help="β of Eq. 8, the weight of the OPD advantages beside GRPO's in one update (default 1)")
+    ap.add_argument("--train-levels", default=None, metavar="L,L",
+                    help="built-in tasks: the levels training prompts draw (default all; evals draw all)")
     ap.add_argument("--rename-trade", type=float, default=None,
                     help="rename's conflict with video: the share of its clips whose squares trade names "
                          "(default 1; 0: video's task on a grey background)")
@@ -272,6 +275,15 @@ def apply_flags(preset: Preset, args, K: int) -> Preset:
                          f"got {args.rl_opd_ratio}")
     preset.lr = args.lr or preset.lr
     preset.rename_trade = preset.rename_trade if args.rename_trade is None else args.rename_trade
+    if args.train_levels is not None:
+        try:
+            levels = tuple(sorted({int(x) for x in args.train_levels.split(",") if x.strip()}))
+        except ValueError:
+            levels = ()
+        if not levels or not all(1 <= x <= preset.difficulty for x in levels):
+            raise UsageError(f"--train-levels takes comma-separated levels from 1 to {preset.difficulty}, "
+                             f"got '{args.train_levels}'")
+        preset.train_levels = levels
     preset.rl_opd_ratio = args.rl_opd_ratio or preset.rl_opd_ratio
     preset.opd.beta = preset.opd.beta if args.opd_beta is None else args.opd_beta
     if args.max_new_tokens:

@@ -53,7 +53,7 @@ class Run:
         self.rng = random.Random(settings.seed)
         preset, seed, data = settings.preset, settings.seed, settings.data
         self.train_pool = {d: load_domain(d, "train", preset.train_pool, seed, preset.difficulty, data,
-                                          preset.rename_trade) for d in self.domains}
+                                          preset.rename_trade, preset.train_levels) for d in self.domains}
         self.heldout = {d: load_domain(d, "heldout", preset.eval_size, seed, preset.difficulty, data,
                                        preset.rename_trade) for d in self.domains}
         # built-in prompts encoded once, for every step and eval that draws them (policy.prompt_of);

@@ -300,9 +300,9 @@ def load_jsonl(path: str, domain: str) -> list:
 
 
 def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, data: dict,
-                rename_trade: float = 1.0) -> list:
-    """Built-in tasks, or the user's JSONL for this domain (`--data DOMAIN=PATH`): its last
-    20% of rows are the held-out split."""
+                rename_trade: float = 1.0, levels: tuple = ()) -> list:
+    """Built-in tasks (of `levels`, default 1..difficulty), or the user's JSONL for this domain
+    (`--data DOMAIN=PATH`): its last 20% of rows are the held-out split."""
     if domain in data:
         rows = load_jsonl(data[domain], domain)
         if len(rows) < 2:
@@ -310,7 +310,7 @@ def load_domain(domain: str, split: str, n: int, seed: int, difficulty: int, dat
                             f"(the last {HELD_OUT_FRACTION:.0%} of rows are held out): give at least two")
         cut = max(1, int(len(rows) * (1 - HELD_OUT_FRACTION)))
         return (rows[:cut] if split == "train" else rows[cut:])[:n]
-    return builtin_examples(domain, split, n, seed, difficulty, rename_trade=rename_trade)
+    return builtin_examples(domain, split, n, seed, difficulty, levels or None, rename_trade)
 
 
 def check_prompt_lengths(data: dict, count_tokens, limit: int):

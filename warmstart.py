@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from evaluate import accuracy
+from evaluate import accuracy, learning_signal
 from memory import prepare_for_training
 from optim import cosine
 from policy import (VISION_FAMILIES, TinyConfig, build_tiny_policy, build_tokenizer, collate, encode_prompt,
                     load_policy, make_processor, position_ids, save_policy)
 from rollout import SamplingConfig, full_response_logits
-from tasks import DOMAINS, TASKS_VERSION, builtin_examples
+from tasks import DOMAINS, TASKS_VERSION, DataError, builtin_examples
 
 
 # The warm start's code, as far as it decides π_0's float order: π_0 is chaotic under float order,
@@ -250,6 +250,9 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--accuracy", action="store_true", help="then print its held-out and train accuracy per domain")
     ap.add_argument("--problems", type=int, default=1000, help="distinct problems per domain for --accuracy")
+    ap.add_argument("--signal", type=int, default=0, metavar="K",
+                    help="then, per domain and level, what GRPO can learn from it with K samples a prompt "
+                         "(greedy, pass@K, all-equal groups, systematic errors; --problems per level)")
     a = ap.parse_args()
     tiny, warm = PI0_RECIPES[a.preset]
     model, proc = warm_start(tiny, warm, a.seed)
@@ -259,3 +262,18 @@ if __name__ == "__main__":
         for domain, acc in pi0_accuracy(model, proc, a.seed, a.problems).items():
             levels = ", ".join(f"{100 * v:.0f}" for v in acc["per_level"].values())
             print(f"| {domain} | {100 * acc['heldout']:.1f} | {100 * acc['train']:.1f} | {levels} |")
+    if a.signal:
+        print(f"\nWhat GRPO can learn from π_0 (%), {a.signal} samples a prompt at temperature 1, {a.problems} distinct "
+              "held-out problems per level:")
+        print(f"| domain | level | greedy | pass@{a.signal} | all {a.signal} rewards equal | one wrong answer every time |")
+        print("|---|---|---|---|---|---|")
+        for domain in DOMAINS:
+            for level in range(1, 5):
+                try:
+                    held = builtin_examples(domain, "heldout", a.problems, a.seed, levels=(level,))
+                except DataError as e:   # video's one mover: 84 problems in all
+                    print(f"| {domain} | {level} | {e} | | | |")
+                    continue
+                s = learning_signal(model, proc, held, SamplingConfig(max_new_tokens=10), a.signal)
+                print(f"| {domain} | {level} | {100 * s['greedy']:.1f} | {100 * s[f'pass@{a.signal}']:.1f} | "
+                      f"{100 * s['zero_advantage']:.1f} | {100 * s['systematic']:.1f} |", flush=True)

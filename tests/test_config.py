@@ -83,3 +83,16 @@ def test_resume_compares_a_data_file_by_its_contents_not_its_path(tmp_path):
     data.write_text('{"prompt": "1+1", "answer": "3"}\n{"prompt": "2+2", "answer": "4"}\n')
     with pytest.raises(UsageError, match="--resume: .* holds a run with other settings: --data text=sha256:"):
         settings(data, "--resume")
+
+
+def test_train_levels_reach_the_preset_and_only_the_training_pool(tmp_path):
+    settings = validate(parse_args(["--out", str(tmp_path / "x"), "--experts", "text", "--method", "rlvr",
+                                    "--preset", "smoke", "--train-levels", "3,2"]))
+    assert settings.preset.train_levels == (2, 3) and settings.recorded()["--train-levels"] == "2,3"
+    for bad in ("0", "5", "a", ","):
+        with pytest.raises(UsageError, match="--train-levels takes comma-separated levels from 1 to 4"):
+            validate(parse_args(["--out", str(tmp_path / "x"), "--train-levels", bad]))
+    from tasks import load_domain
+    train = load_domain("text", "train", 200, 0, 4, {}, levels=(2, 3))
+    held = load_domain("text", "heldout", 200, 0, 4, {})
+    assert {ex.level for ex in train} == {2, 3} and {ex.level for ex in held} == {1, 2, 3, 4}

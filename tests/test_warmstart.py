@@ -124,3 +124,20 @@ def test_a_cache_location_that_cannot_hold_pi0_is_refused_before_any_work(tmp_pa
     monkeypatch.setenv("COPD_CACHE", str(afile))
     with pytest.raises(UsageError, match="is a file, not a folder"):
         validate(parse_args(["--out", str(tmp_path / "o"), "--preset", "smoke"]))
+
+
+def test_the_signal_table_covers_every_domain_and_level(tmp_path):
+    """`warmstart.py --signal K`: greedy, pass@K, all-equal groups and systematic errors per
+    domain and level, in a table (smoke π_0, a few problems per level)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "warmstart.py", "--preset", "smoke", "--signal", "4", "--problems", "4"],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "COPD_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| domain | level | greedy | pass@4 | all 4 rewards equal | one wrong answer every time |"
+    assert len(rows) == 1 + 5 * 4
+    for row in rows[1:]:
+        greedy, any_right, equal, same_wrong = (float(x) for x in row.strip("| ").split(" | ")[2:])
+        assert 0 <= same_wrong <= equal <= 100 and 0 <= greedy <= 100 and 0 <= any_right <= 100
