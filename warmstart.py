@@ -34,6 +34,7 @@ from tasks import DOMAINS, TASKS_VERSION, DataError, builtin_examples
 # The warm start's code, as far as it decides π_0's float order: π_0 is chaotic under float order,
 # so a change there makes other π_0s and must not reuse cached ones. 2: one forward per domain.
 RECIPE_VERSION = 2
+ESTIMATE_AFTER = 50                    # warm-start steps timed before the time it will take is printed
 
 
 @dataclass
@@ -158,8 +159,13 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * cosine(s / cfg.steps, 0.1))
     model.train()
     started = time.time()
+    if not quiet:
+        print(f"π_0: not in the cache; a warm start of {cfg.steps} supervised steps builds it ({path})", flush=True)
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
-    for _ in bar:
+    for step in bar:
+        if step == ESTIMATE_AFTER and not quiet:   # a line that reaches a log file, where the bar does not
+            minutes = (time.time() - started) / ESTIMATE_AFTER * cfg.steps / 60
+            print(f"π_0: about {minutes:.0f} minutes in all (from its first {ESTIMATE_AFTER} steps)", flush=True)
         loss = sft_loss(model, proc, [rng.sample(data[d], n) for d, n in share.items()])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -141,3 +141,17 @@ def test_the_signal_table_covers_every_domain_and_level(tmp_path):
     for row in rows[1:]:
         greedy, any_right, equal, same_wrong = (float(x) for x in row.strip("| ").split(" | ")[2:])
         assert 0 <= same_wrong <= equal <= 100 and 0 <= greedy <= 100 and 0 <= any_right <= 100
+
+
+def test_a_build_says_when_it_starts_how_long_it_will_take_and_where_it_went(tmp_path, monkeypatch, capsys):
+    """Three lines a log file gets (the progress bar draws on terminals only)."""
+    import warmstart
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path))
+    monkeypatch.setattr(warmstart, "ESTIMATE_AFTER", 2)
+    warm_start(TINY, WarmStartConfig(steps=4, batch_size=6, train_examples=30), seed=0)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("π_0: not in the cache; a warm start of 4 supervised steps builds it (")
+    assert lines[1].startswith("π_0: about ") and lines[1].endswith("minutes in all (from its first 2 steps)")
+    assert lines[2].startswith("π_0: warm start, 4 supervised steps,") and str(tmp_path) in lines[2]
+    warm_start(TINY, WarmStartConfig(steps=4, batch_size=6, train_examples=30), seed=0)
+    assert capsys.readouterr().out == ""                          # cached: nothing to say
