@@ -56,8 +56,8 @@ class Preset:
     steps: int = 60                    # T: GRPO steps of one expert; mixed and CoPD get K·T
     max_total_steps: int = 0           # if set, T = min(steps, this // K): K·T stays within it as experts are added
     cycles: int = 4                    # N of CoPD
-    difficulty: int = 4                  # tasks.py: levels 1..difficulty; π_0 is taught the easy ones
-    train_levels: tuple = ()          # the levels training prompts draw (evals draw 1..difficulty); () = the same
+    difficulty: int = 4                # tasks.py: levels 1..difficulty; π_0 is taught the easy ones
+    train_levels: tuple = ()           # the levels training prompts draw (evals draw 1..difficulty); () = the same
     rename_trade: float = 1.0          # tasks.make_rename: the share of rename's clips that trade names (the conflict)
     rl_opd_ratio: float = 1.5          # CoPD's S_RL : S_OPD (the paper's best; its ablation: 1.5, 1, 0.5)
     train_pool: int = 4000             # training prompts per domain
