@@ -198,7 +198,9 @@ def plot_curves(domains: list, curves: dict, divergence: dict, path: str, drift:
             style = "-" if "base" not in pair else ":"
             ax.plot([s for s, _ in points], [p["overlap"] for _, p in points], style, marker="o",
                     label=f"{method} {pair}")
-    ax.set_title("top-10 overlap"), ax.set_xlabel("step"), ax.legend(fontsize=7)
+    ax.set_title("top-10 overlap"), ax.set_xlabel("step")
+    if ax.get_legend_handles_labels()[0]:   # a method without two models to compare has none
+        ax.legend(fontsize=7)
     if drift:
         ax = axes[-1]
         for method, points in drift.items():
