@@ -333,7 +333,8 @@ def main():
     ap.add_argument("--warm-start", action="store_true", help="seconds per step of π_0's warm start, three ways")
     ap.add_argument("--micro-batch", default=None, metavar="N,M", help="the CoPD step at these micro-batch sizes, taking turns")
     args = ap.parse_args()
-    from config import UsageError, check_device
+    from config import UsageError
+    from settings import check_device
     try:
         check_device(args.device)
     except UsageError as e:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 
 import torch
 
@@ -91,6 +92,16 @@ def recorded(out: str, key: str):
 
 # -----------------------------------------------------------------------------
 # what a folder may hold before a run starts: each check returns why not, or None
+
+def clear_run(out: str):
+    """Delete an earlier run's checkpoints, results and CoPD branches from OUT (for --overwrite);
+    its metrics.jsonl is rewritten by the new run."""
+    for old in list_checkpoints(out) + [os.path.join(out, f) for f in ("results.json", "results.md", "curves.png")]:
+        if os.path.exists(old):
+            os.remove(old)
+    for old in glob.glob(os.path.join(out, "*-branches")):
+        shutil.rmtree(old, ignore_errors=True)
+
 
 def why_not_out(out: str) -> str | None:
     """--out must be a folder this process can write, and not in use (noticed before π_0 is built)."""

@@ -33,7 +33,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from config import Settings, UsageError
+from config import UsageError
+from settings import Settings
 from copd import PHASE_II, TeacherGrades, branch_batches, branch_seed, branch_update
 from opd import distribution_rows, teacher_logprobs
 from memory import clone_policy, folded

@@ -318,11 +318,11 @@ def prompt_positions(model, prompts: list, batch: PromptBatch) -> torch.Tensor:
     it. A row's positions skip its padding, so they do not depend on the rest of the batch;
     padding gets 0, as the rope index gives it. Kept and assembled on the CPU, then moved at once."""
     kind = type(core(model))
-    todo = list({id(p): p for p in prompts if kind not in p.positions}.values())
-    if todo:
-        fresh = collate(todo, pad_id=0).to(batch.input_ids.device)   # any pad id: positions skip padding
+    unseen = list({id(p): p for p in prompts if kind not in p.positions}.values())
+    if unseen:
+        fresh = collate(unseen, pad_id=0).to(batch.input_ids.device)   # any pad id: positions skip padding
         pos = position_ids(model, fresh.input_ids, fresh.attention_mask, fresh.vision).cpu()
-        for i, p in enumerate(todo):
+        for i, p in enumerate(unseen):
             p.positions[kind] = pos[..., i, pos.shape[-1] - len(p.ids):].clone()
     L = batch.input_ids.shape[1]
     first = prompts[0].positions[kind]

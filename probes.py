@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from evaluate import accuracy
 from memory import folded
 from policy import prompt_of
 from rollout import SamplingConfig, decode_step, finish, prefill, sampling_logprobs
@@ -50,6 +51,21 @@ def interpolate(model_a, model_b, alpha: float):
         for p, pa, pb in zip(mixed.parameters(), a.parameters(), b.parameters()):
             p.copy_(((1 - alpha) * pa.double() + alpha * pb.double()).to(p.dtype))
     return mixed
+
+
+def interpolation_curve(model_a, model_b, proc, heldout: dict, sampling: SamplingConfig, known: dict) -> list:
+    """[[α, {domain: greedy accuracy}] for α in ALPHAS] along (1−α)·θ^(a) + α·θ^(b), on the
+    held-out problems {domain: examples}; `known` {α: accuracies} are points measured already
+    (the branches themselves, and the merge of two branches), not measured again."""
+    curve = []
+    for alpha in ALPHAS:
+        if alpha in known:
+            accs = known[alpha]
+        else:
+            between = interpolate(model_a, model_b, alpha)
+            accs = {d: round(accuracy(between, proc, ex, sampling, samples=0)["greedy"], 4) for d, ex in heldout.items()}
+        curve.append([alpha, accs])
+    return curve
 
 
 @torch.no_grad()

@@ -30,8 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from checkpoint import list_checkpoints
-from config import METHODS, UsageError, apply_flags, parse_args, presets
-from report import claims_table, compute_table, load_runs, plot_reproduction, summary_table
+from config import METHODS, UsageError, parse_args, presets
+from settings import apply_flags
+from claims import claims_table
+from report import compute_table, load_runs, plot_reproduction, summary_table
 from tasks import DOMAINS
 from warmstart import pi0_cached
 

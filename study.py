@@ -17,7 +17,8 @@ t-interval; a slope over p is fitted per seed and its mean taken over seeds the 
 
 import os
 
-from report import _atomic_write, _mean_curve, _save_figure, holm, load_runs, p_value, t_interval, verdict
+from claims import holm, p_value, t_interval, verdict
+from report import _atomic_write, _mean_curve, _save_figure, load_runs
 
 def measures(results: dict, domains: list) -> dict:
     """{measure: value in points} of one run, for those it can answer. `name` is copd or copd@equal."""

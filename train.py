@@ -26,18 +26,18 @@ import time
 import torch
 
 import parallel
-from checkpoint import FolderInUse, hold_folder, list_checkpoints
-from config import METHODS, UsageError, parse_args, validate
-from copd import PHASE_I, PHASE_II, Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
+from checkpoint import FolderInUse, clear_run, hold_folder, list_checkpoints
+from config import METHODS, UsageError, parse_args
+from settings import check_context, validate
+from copd import PHASE_I, Branches, CoPDConfig, budget_schedule, describe, neighbours, schedule
 from memory import clone_policy, memory_plan
 from opd import divergence, opd_step
-from evaluate import accuracy
 from policy import encode_prompt
-from probes import ALPHAS, ensemble_accuracy, interpolate
+from probes import ensemble_accuracy, interpolation_curve
 from report import budgets, describe_lr, results_table, write_results
 from rlvr import grad_cosine, rlvr_step
 from run import Run, TrainingError, unwritable
-from tasks import DataError, check_prompt_lengths, load_domain
+from tasks import DataError, load_domain
 from warmstart import ModelError, load_pi0
 
 
@@ -260,28 +260,17 @@ def final_probes(run: Run, name: str, branches):
         probes["ensemble"] = {d: round(ensemble_accuracy(list(models.values()), run.proc, ex, sampling), 4)
                               for d, ex in heldout.items()}
         run.log(kind="probe", method=name, probe="ensemble", accuracy=probes["ensemble"])
-        known = {0.0: "{name}:{a}", 1.0: "{name}:{b}", 0.5: "{name}" if len(models) == 2 else None}
+        measured = lambda model: {d: run.results[model][d] for d in run.domains}
         probes["interpolation"] = {}
         for a, b in [(a, b) for a in models for b in branches.teachers_of[a] if a < b]:
-            curve = []
-            for alpha in ALPHAS:
-                if known.get(alpha):
-                    accs = {d: run.results[known[alpha].format(name=name, a=a, b=b)][d] for d in run.domains}
-                else:
-                    between = interpolate(models[a], models[b], alpha)
-                    accs = {d: round(accuracy(between, run.proc, ex, sampling, samples=0)["greedy"], 4)
-                            for d, ex in heldout.items()}
-                curve.append([alpha, accs])
+            known = {0.0: measured(f"{name}:{a}"), 1.0: measured(f"{name}:{b}")}
+            if len(models) == 2:
+                known[0.5] = measured(name)   # the merge of two branches is their midpoint
+            curve = interpolation_curve(models[a], models[b], run.proc, heldout, sampling, known)
+            for alpha, accs in curve:
                 run.log(kind="probe", method=name, probe="interpolation", pair=f"{a}~{b}", alpha=alpha, accuracy=accs)
             probes["interpolation"][f"{a}~{b}"] = curve
     probe_time(run, name, started)
-
-
-def prompt_tokens(proc, text: str, image=None, video=None) -> int:
-    """The tokens a prompt takes in the model's context, its picture's or video's included."""
-    if image is None and video is None:
-        return len(proc.tokenizer(text, add_special_tokens=False)["input_ids"])
-    return len(encode_prompt(proc, text, image, video).ids)
 
 
 # the code of each stage config.METHODS lists
@@ -342,14 +331,7 @@ def run_command(args, rank: int) -> int:
         model0, proc = load_pi0(settings, settings.torch_dtype)
         if layout and rank == 0:
             parallel.barrier("the warm start")
-        context = getattr(model0.config.get_text_config(), "max_position_embeddings", None)
-        new_tokens = settings.preset.rl.sampling.max_new_tokens
-        if context and new_tokens >= context:
-            raise UsageError(f"--max-new-tokens {new_tokens}: the model's context holds {context} tokens, "
-                             "prompt and response together")
-        limit = settings.max_prompt_tokens or (context - new_tokens if context else None)
-        if limit:
-            check_prompt_lengths(settings.data, lambda text, image, video: prompt_tokens(proc, text, image, video), limit)
+        check_context(settings, model0, proc)
         # seeded after π_0 exists: building it reseeds torch, loading it from the cache does not
         torch.manual_seed(settings.seed)
         random.seed(settings.seed)
@@ -368,11 +350,7 @@ def run_command(args, rank: int) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if settings.overwrite and not settings.resume:   # nothing of the earlier run may pass for this one's
-            for old in list_checkpoints(out) + [os.path.join(out, f) for f in ("results.json", "results.md", "curves.png")]:
-                if os.path.exists(old):
-                    os.remove(old)
-            for old in (os.path.join(out, f"{m}-branches") for m in ("copd", "copd@equal")):
-                shutil.rmtree(old, ignore_errors=True)
+            clear_run(out)
     try:
         run = Run(settings, model0, proc, writer)
         run.log(kind="config", settings=settings.as_dict(), recorded=settings.recorded())

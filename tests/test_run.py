@@ -39,7 +39,8 @@ def test_a_resumed_stage_keeps_counting_its_wall_time_from_the_checkpoint(tmp_pa
     import time
     from checkpoint import save_checkpoint
     from dataclasses import replace
-    from config import parse_args, validate
+    from config import parse_args
+    from settings import validate
     from warmstart import load_pi0
     out = tmp_path / "r"
     settings = validate(parse_args(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)]))

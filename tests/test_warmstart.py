@@ -118,7 +118,8 @@ def test_a_damaged_cache_entry_is_rebuilt_with_one_warning(tmp_path, monkeypatch
 
 
 def test_a_cache_location_that_cannot_hold_pi0_is_refused_before_any_work(tmp_path, monkeypatch):
-    from config import UsageError, parse_args, validate
+    from config import UsageError, parse_args
+    from settings import validate
     afile = tmp_path / "f"
     afile.write_text("x")
     monkeypatch.setenv("COPD_CACHE", str(afile))
