@@ -8,6 +8,7 @@ failures to learn from. Cached on disk in HF format and reused: every
 method of every run with the same settings starts from the same π_0.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from tasks import DOMAINS, TASKS_VERSION, DataError, builtin_examples
 # so a change there makes other π_0s and must not reuse cached ones. 2: one forward per domain.
 RECIPE_VERSION = 2
 ESTIMATE_AFTER = 50                    # warm-start steps timed before the time it will take is printed
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pi0")   # π_0s shipped with the code
 
 
 @dataclass
@@ -131,22 +133,30 @@ def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
     return "pi0-" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def shipped_pi0(name: str) -> str | None:
+    """The folder of pi0/ that ships this π_0 with the code (its NAME file holds `name`), or None.
+    Shipped π_0s make every machine start from the same weights: π_0 is chaotic under float order,
+    so another CPU building the same recipe gets another draw (docs/testbed.md)."""
+    for name_file in sorted(glob.glob(os.path.join(SHIPPED, "*", "NAME"))):
+        with open(name_file) as f:
+            if f.read().strip() == name:
+                return os.path.dirname(name_file)
+    return None
+
+
 def pi0_cached(tiny: TinyConfig, cfg: WarmStartConfig, seed: int):
-    """The path of this π_0 in the cache, and whether it is there (complete)."""
-    path = os.path.join(cache_dir(), pi0_name(tiny, cfg, seed))
+    """Where this π_0 is, and whether it is there (complete): shipped with the code, else the cache."""
+    name = pi0_name(tiny, cfg, seed)
+    shipped = shipped_pi0(name)
+    if shipped:
+        return shipped, True
+    path = os.path.join(cache_dir(), name)
     return path, os.path.isfile(os.path.join(path, "config.json"))
 
 
-def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = False, device="cpu"):
-    """π_0 (model, processor) on `device`: loaded from the cache, or trained (there) and cached."""
-    path, cached = pi0_cached(tiny, cfg, seed)
-    if cached:
-        try:
-            return load_policy(path, device=device)
-        except Exception as e:   # a truncated or half-deleted entry: safetensors, OSError, JSON errors
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            print(f"warning: the cached π_0 {path} is damaged ({why}); building it again", file=sys.stderr, flush=True)
-            shutil.rmtree(path, ignore_errors=True)
+def build_pi0(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = False, device="cpu"):
+    """π_0 (model, processor) trained afresh by the warm start's `cfg.steps` supervised steps, and
+    the seconds it took; after ESTIMATE_AFTER steps, a line says how long it will take."""
     tokenizer = build_tokenizer()
     model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)
@@ -159,8 +169,6 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * cosine(s / cfg.steps, 0.1))
     model.train()
     started = time.time()
-    if not quiet:
-        print(f"π_0: not in the cache; a warm start of {cfg.steps} supervised steps builds it ({path})", flush=True)
     bar = tqdm(range(cfg.steps), desc="warm start (SFT for π_0)", disable=True if quiet else None, leave=False)
     for step in bar:
         if step == ESTIMATE_AFTER and not quiet:   # a line that reaches a log file, where the bar does not
@@ -174,16 +182,51 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    # written beside the cache and renamed when complete: a killed run leaves no half π_0
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache_dir(), prefix=".tmp-")
+    return model, proc, time.time() - started
+
+
+def save_pi0(model, proc, path: str, name: str, replace: bool = False):
+    """Write π_0 and its NAME (pi0_name) to `path`: written beside it and renamed into place when
+    complete, so a killed build leaves no half π_0. A π_0 already there stays (another run
+    finished the same one first) unless `replace`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     save_policy(model, proc, tmp)
+    with open(os.path.join(tmp, "NAME"), "w") as f:
+        f.write(name + "\n")
+    if replace:
+        shutil.rmtree(path, ignore_errors=True)
     try:
         os.replace(tmp, path)
     except OSError:  # another run finished the same π_0 first
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = False, device="cpu"):
+    """π_0 (model, processor) on `device`: shipped with the code, or cached, or built and cached."""
+    path, found = pi0_cached(tiny, cfg, seed)
+    if found:
+        try:
+            model, proc = load_policy(path, device=device)
+            if not quiet and path.startswith(SHIPPED):
+                print(f"π_0: shipped with the code, {os.path.relpath(path, os.path.dirname(SHIPPED))}", flush=True)
+            return model, proc
+        except Exception as e:   # a truncated or half-deleted entry: safetensors, OSError, JSON errors
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            kind = "shipped" if path.startswith(SHIPPED) else "cached"
+            print(f"warning: the {kind} π_0 {path} is damaged ({why}); building it again", file=sys.stderr, flush=True)
+            if not path.startswith(SHIPPED):
+                shutil.rmtree(path, ignore_errors=True)
+    name = pi0_name(tiny, cfg, seed)
+    path = os.path.join(cache_dir(), name)
     if not quiet:
-        print(f"π_0: warm start, {cfg.steps} supervised steps, {time.time() - started:.0f} s; cached in {path}", flush=True)
+        print(f"π_0: neither shipped nor in the cache; a warm start of {cfg.steps} supervised steps builds it ({path})",
+              flush=True)
+    model, proc, seconds = build_pi0(tiny, cfg, seed, quiet, device)
+    save_pi0(model, proc, path, name)
+    if not quiet:
+        print(f"π_0: warm start, {cfg.steps} supervised steps, {seconds:.0f} s; cached in {path}", flush=True)
     return load_policy(path, device=device)
 
 
@@ -251,9 +294,12 @@ if __name__ == "__main__":
     # π_0 built ahead of the runs that share it (reproduce.py does this in its own lane)
     import argparse
 
-    ap = argparse.ArgumentParser(description="Build (or find) the cached π_0 of a preset and seed.")
+    ap = argparse.ArgumentParser(description="Find (shipped or cached) or build the π_0 of a preset and seed.")
     ap.add_argument("--preset", default="cpu", choices=sorted(PI0_RECIPES))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rebuild", action="store_true",
+                    help="build it afresh (about 9 minutes a cpu π_0 on one core) and ship it: write it to "
+                         "pi0/PRESET-seedSEED, where every run finds it")
     ap.add_argument("--accuracy", action="store_true", help="then print its held-out and train accuracy per domain")
     ap.add_argument("--problems", type=int, default=1000, help="distinct problems per domain for --accuracy")
     ap.add_argument("--signal", type=int, default=0, metavar="K",
@@ -261,7 +307,14 @@ if __name__ == "__main__":
                          "(greedy, pass@K, all-equal groups, systematic errors; --problems per level)")
     a = ap.parse_args()
     tiny, warm = PI0_RECIPES[a.preset]
-    model, proc = warm_start(tiny, warm, a.seed)
+    if a.rebuild:
+        path = os.path.join(SHIPPED, f"{a.preset}-seed{a.seed}")
+        print(f"π_0: a warm start of {warm.steps} supervised steps builds it afresh for {path}", flush=True)
+        model, proc, seconds = build_pi0(tiny, warm, a.seed)
+        save_pi0(model, proc, path, pi0_name(tiny, warm, a.seed), replace=True)
+        print(f"π_0: warm start, {warm.steps} supervised steps, {seconds:.0f} s; shipped in {path}", flush=True)
+    else:
+        model, proc = warm_start(tiny, warm, a.seed)
     if a.accuracy:
         print(f"π_0 of --preset {a.preset} --seed {a.seed}, greedy accuracy (%), {a.problems} distinct problems per domain:")
         print("| domain | held-out | train, same levels | held-out per level |\n|---|---|---|---|")
