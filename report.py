@@ -192,7 +192,8 @@ def plot_curves(domains: list, curves: dict, divergence: dict, path: str, drift:
             if len(points) > 1:
                 ax.plot([s for s, _ in points], [100 * a[d] for _, a in points], label=name, marker=".")
         ax.set_title(f"{d}: held-out accuracy"), ax.set_xlabel("step"), ax.set_ylabel("%")
-    axes[0].legend(fontsize=7)
+    if axes[0].get_legend_handles_labels()[0]:   # --method base has no curve
+        axes[0].legend(fontsize=7)
     ax = axes[len(domains)]
     for method, pairs in divergence.items():
         for pair, points in pairs.items():
