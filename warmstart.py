@@ -298,7 +298,7 @@ if __name__ == "__main__":
     ap.add_argument("--preset", default="cpu", choices=sorted(PI0_RECIPES))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rebuild", action="store_true",
-                    help="build it afresh (about 9 minutes a cpu π_0 on one core) and ship it: write it to "
+                    help="build it afresh (about 10 minutes a cpu π_0 on one core) and ship it: write it to "
                          "pi0/PRESET-seedSEED, where every run finds it")
     ap.add_argument("--accuracy", action="store_true", help="then print its held-out and train accuracy per domain")
     ap.add_argument("--problems", type=int, default=1000, help="distinct problems per domain for --accuracy")
