@@ -107,6 +107,8 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
     trained = {{"expert": "experts", "rlvr": "experts"}.get(k.split(":")[0], k.split(":")[0]) for k in results}
     md += [f"- {m}: {b}" for m, b in budget.items() if m in trained]
     md += ["", f"Learning rate: {learning_rate}."]
+    if results.get("_machine"):
+        md += ["", "Computed on: " + "; then ".join(results["_machine"]) + "."]
     if results.get("_compute"):
         md += ["", "Compute (static OPD and MOPD rows count the distillation alone; they start from the experts):",
                "", compute_table([results])]

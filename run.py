@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -42,6 +43,15 @@ def unwritable(out: str, what: str, error: Exception) -> str:
     return f"could not write {what} in {out}: {reason}"
 
 
+def machine(device: str) -> str:
+    """What a run's numbers were computed on. The float order, and so the exact numbers, differ
+    between CPUs (an AVX-512 and an AVX2 build of the same run part ways) and between versions."""
+    import transformers
+    where = (torch.cuda.get_device_name(torch.device(device)) if torch.device(device).type == "cuda"
+             else f"{platform.machine()} CPU, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} thread" + "s" * (torch.get_num_threads() > 1))
+    return f"{where}; torch {torch.__version__}, transformers {transformers.__version__}"
+
+
 class Run:
     """Everything one invocation shares: π_0, data, the log, and the results so far.
     `writer`: under torchrun every rank keeps the same results and rank 0 alone writes them."""
@@ -71,6 +81,11 @@ class Run:
         if settings.resume:
             self._load_checkpoint(metrics)
         self.log_file = open(metrics if writer else os.devnull, "a" if self.resume else "w")
+        # a resumed run that moved to another machine says so: its numbers after the move are
+        # that machine's float order
+        here = machine(settings.device)
+        if self.results.get("_machine", [None])[-1] != here:
+            self.results.setdefault("_machine", []).append(here)
 
     # -- prompts
 

@@ -54,6 +54,30 @@ def test_a_resumed_stage_keeps_counting_its_wall_time_from_the_checkpoint(tmp_pa
     assert 100.0 <= time.time() - run.stage_t0 < 160.0
 
 
+def test_results_say_which_machine_computed_them_once_per_machine(tmp_path, monkeypatch):
+    """results.json `_machine`: the CPU's vector unit (or the GPU), threads and versions; a run
+    resumed on the same machine adds nothing, one resumed on another adds that machine."""
+    import run as run_module
+    from checkpoint import save_checkpoint
+    from dataclasses import replace
+    from config import parse_args
+    from settings import validate
+    from warmstart import load_pi0
+    out = tmp_path / "r"
+    settings = validate(parse_args(["--experts", "text", "--method", "rlvr", "--preset", "smoke", "--out", str(out)]))
+    model0, proc = load_pi0(settings, settings.torch_dtype)
+    out.mkdir()
+    here = run_module.machine("cpu")
+    assert "CPU" in here and "torch" in here and "transformers" in here
+    assert Run(settings, model0, proc, True).results["_machine"] == [here]
+    for earlier in ([here], ["another machine"]):
+        save_checkpoint(str(out), {"loop": "expert:text", "step": 2, "where": "expert:text step 2", "completed": ["base"],
+                                   "models": {}, "results": {"_machine": earlier}, "curves": {}, "divergence": {},
+                                   "skipped": {}, "metrics_lines": 0, "settings": settings.recorded()})
+        resumed = Run(replace(settings, resume=True), model0, proc, True)
+        assert resumed.results["_machine"] == (earlier if earlier == [here] else earlier + [here])
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     """The disk fills at the third checkpoint (torch's writer raises RuntimeError), then while
     writing metrics.jsonl (OSError ENOSPC), then at curves.png: each time one line naming OUT,
