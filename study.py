@@ -80,7 +80,7 @@ def conflict_report(settings: dict, runs: dict, path: str) -> list:
     names = [m for m in per[next(iter(per))][0] if all(m in x for rs in per.values() for x in rs)]
     ps = [settings[s] for s in runs]
     seeds = len(next(iter(runs.values())))
-    md = [f"## The conflict dose-response ({seeds} seeds)", "",
+    md = [f"## The conflict dose-response ({seeds} seed{'s' * (seeds > 1)})", "",
           "Each measure per p (points; mean over seeds [95% t-interval]) and its slope over p (points from p = 0 to "
           "p = 1, fitted per seed):", "",
           "| measure | " + " | ".join(f"p = {p:g}" for p in ps) + " | slope over p |",
@@ -119,7 +119,7 @@ def pull_report(settings: dict, runs: dict, path: str) -> list:
                   for (res, _), (base, _) in zip(rs, runs[base_setting])]
     names = [m for m in per[base_setting][0] if m.startswith("CoPD") and "MOPD" not in m and all(m in x for rs in per.values() for x in rs)]
     seeds = len(runs[base_setting])
-    md = [f"## The distillation pull at p = 1 ({seeds} seeds)", "",
+    md = [f"## The distillation pull at p = 1 ({seeds} seed{'s' * (seeds > 1)})", "",
           "Each measure per setting (points; mean over seeds [95% t-interval]); mixed RLVR, MOPD and the experts are "
           "the first row's runs of the same seed:", "",
           "| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -179,7 +179,7 @@ def plot_probes(groups: dict, domains: list, path: str):
                          (merged_ax, "merged model, held-out %", "update"),
                          (alpha_ax, "(1−α)·θ_a + α·θ_b, held-out %", "α"),
                          (bar_ax, "held-out % (mean of domains)", "")):
-        ax.set_title(f"{title} ({seeds} seeds)", fontsize=9), ax.set_xlabel(x), ax.legend(fontsize=6)
+        ax.set_title(f"{title} ({seeds} seed{'s' * (seeds > 1)})", fontsize=9), ax.set_xlabel(x), ax.legend(fontsize=6)
     _save_figure(fig, path)
 
 
