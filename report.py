@@ -6,6 +6,7 @@ Each file is written whole or not at all. Also the summary of several seeds
 (`python report.py RUN...`).
 """
 
+import gzip
 import json
 import os
 import statistics
@@ -225,7 +226,8 @@ SUMMARY_ROWS = ("base", "experts", "expert:{d}", "mixed", "opd", "mopd", "copd",
 
 def load_runs(folders: list) -> list:
     """(results.json, metrics.jsonl rows) of each run folder, one folder a seed: a missing or
-    unreadable file is named, and so is a folder listed twice or a run of other experts."""
+    unreadable file is named, and so is a folder listed twice or a run of other experts. A
+    metrics.jsonl.gz stands in for metrics.jsonl (the runs kept in docs/runs are compressed)."""
     runs, seen = [], {}
     for folder in folders:
         real = os.path.realpath(folder)
@@ -233,15 +235,17 @@ def load_runs(folders: list) -> list:
             raise ValueError(f"{folder} is listed twice ({seen[real]}): each run folder counts as one seed")
         seen[real] = folder
         paths = [os.path.join(folder, f) for f in ("results.json", "metrics.jsonl")]
+        if not os.path.isfile(paths[1]) and os.path.isfile(paths[1] + ".gz"):
+            paths[1] += ".gz"
         for p in paths:
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"{p}: no such file (is {folder} a finished run?)")
         try:
             with open(paths[0]) as f:
                 results = json.load(f)
-            with open(paths[1]) as f:
+            with (gzip.open(paths[1], "rt") if paths[1].endswith(".gz") else open(paths[1])) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, OSError, EOFError) as e:
             raise ValueError(f"{folder}: results.json or metrics.jsonl is not valid JSON ({e})") from None
         domains = sorted(d for d in results.get("base", {}) if d != "average")
         if runs and domains != runs[0][2]:

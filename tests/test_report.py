@@ -1,6 +1,8 @@
 import json
 import os
 
+import pytest
+
 from report import budgets, describe_lr, results_table, write_results
 
 
@@ -83,6 +85,23 @@ def test_compute_table_takes_the_first_runs_tokens_and_the_median_wall_time():
              "_wall_s": {"mixed": wall, "copd:text": 2 * wall, "copd:image": 2 * wall}} for wall in (100, 300, 90)]
     rows = compute_table(runs).splitlines()[2:]
     assert rows == ["| mixed | 600 | 1,000 | 0 | 100 s |", "| copd | 1,200 | 1,000 | 0 | 400 s |"]
+
+
+def test_a_compressed_metrics_log_reads_as_the_plain_one(tmp_path):
+    import gzip
+    from report import load_runs
+    rows = [{"kind": "config", "settings": {"seed": 3}}, {"kind": "eval", "model": "base", "step": 0}]
+    for name, opener in (("plain", open), ("packed", gzip.open)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"base": {"text": 0.5, "average": 0.5}}))
+        with opener(folder / ("metrics.jsonl" + (".gz" if name == "packed" else "")), "wt") as f:
+            f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert load_runs([str(tmp_path / "plain")]) == load_runs([str(tmp_path / "packed")]) == [
+        ({"base": {"text": 0.5, "average": 0.5}}, rows)]
+    (tmp_path / "packed" / "metrics.jsonl.gz").write_bytes(b"\x1f\x8b cut short")
+    with pytest.raises(ValueError, match="packed: results.json or metrics.jsonl is not valid JSON"):
+        load_runs([str(tmp_path / "packed")])
 
 
 def test_a_folder_listed_twice_a_corrupt_file_or_other_experts_is_one_line(tmp_path):
