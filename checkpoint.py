@@ -127,11 +127,16 @@ def file_digest(path: str) -> str | None:
         return None
 
 
+# flags newer than some recorded runs, with the value those runs ran under
+FLAGS_ADDED_SINCE = {"--worked-steps": ""}
+
+
 def why_not_resume(out: str, now: dict) -> str | None:
     """--resume continues the run in `out` under its own settings `now` (compared with its newest
     checkpoint's, or else its log's first line; a --data file by its contents), never replaces a
     finished run's results, and needs the log the checkpoint accounts for."""
     before = recorded(out, "settings") or logged_settings(out)
+    before = before and {**FLAGS_ADDED_SINCE, **before}
     differ = [f"{flag} {before.get(flag)} (now {value})" for flag, value in now.items()
               if before and before.get(flag) != value]
     if differ:

@@ -15,7 +15,7 @@ from checkpoint import file_digest, list_checkpoints, why_not_out, why_not_resum
 from config import CHOICES, DTYPES, METHODS, TOPOLOGIES, Preset, UsageError, presets
 from policy import encode_prompt
 from tasks import DOMAINS, check_prompt_lengths
-from warmstart import check_cache_dir
+from warmstart import check_cache_dir, parse_worked_steps, response_tokens
 
 HUB_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")   # owner/name on the Hugging Face Hub
 
@@ -59,7 +59,8 @@ class Settings:
                 "--data": ",".join(f"{d}=sha256:{self.data_digest.get(d)}" for d in sorted(self.data)), "--lr": p.lr,
                 "--lr-schedule": p.lr_schedule, "--opd-loss": p.opd.loss, "--opd-beta": p.opd.beta,
                 "--train-levels": ",".join(map(str, p.train_levels)), "--rename-trade": p.rename_trade, "--rl-opd-ratio": p.rl_opd_ratio, "--loss-agg": p.rl.loss_agg, "--advantage": p.rl.advantage, "--topology": self.topology,
-                "--max-new-tokens": p.rl.sampling.max_new_tokens, "--dtype": self.dtype, "--lora-rank": self.lora_rank}
+                "--max-new-tokens": p.rl.sampling.max_new_tokens, "--dtype": self.dtype, "--lora-rank": self.lora_rank,
+                "--worked-steps": ",".join(p.warm.worked_steps)}
 
 
 def validate(args) -> Settings:
@@ -157,8 +158,16 @@ def apply_flags(preset: Preset, args, K: int) -> Preset:
         preset.train_levels = levels
     preset.rl_opd_ratio = args.rl_opd_ratio or preset.rl_opd_ratio
     preset.opd.beta = preset.opd.beta if args.opd_beta is None else args.opd_beta
-    if args.max_new_tokens:
-        preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens)
+    if args.worked_steps:
+        if args.model:
+            raise UsageError(f"--worked-steps {args.worked_steps} changes the tiny π_0's warm start; "
+                             f"--model {args.model} has none")
+        try:
+            preset.warm = replace(preset.warm, worked_steps=parse_worked_steps(args.worked_steps))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens or max(
+        preset.rl.sampling.max_new_tokens, response_tokens(preset.warm)))
     if args.micro_batch:
         preset.rl.micro_batch = args.micro_batch
     for flag, target, name in ((args.opd_loss, preset.opd, "opd_loss"), (args.loss_agg, preset.rl, "loss_agg"),

@@ -64,12 +64,13 @@ class Example:
     video: np.ndarray | None = None       # (T, H, W, 3) uint8
     source: str = ""                      # file:line of a JSONL row (for error messages)
     level: int = 0                        # a built-in task's level (0 for JSONL rows)
+    steps: str = ""                       # worked steps a warm start may teach before the answer
     # its policy.Prompt, where a run encoded it ahead (policy.prompt_of); a cache, not the example
     encoded: object = field(default=None, compare=False, repr=False)
 
-    def target(self):
-        """The response the warm start teaches."""
-        return f"<answer>{self.answer}</answer>"
+    def target(self, steps: bool = False):
+        """The response the warm start teaches: the answer, after the worked steps if `steps`."""
+        return f"{self.steps if steps else ''}<answer>{self.answer}</answer>"
 
 
 class DataError(ValueError):
@@ -119,6 +120,17 @@ def draw_cells(cells: dict):
     return img
 
 
+def running_counts(cells: dict, colour=None) -> str:
+    """Worked steps of a count: the running total after each vision token's 2x2 cells, in the
+    order the language model reads the tokens ("0,1,1,3,3,3,4,4,4"), so each step adds what one
+    token shows (0 to 4) instead of the last step adding up to 24 squares at once."""
+    per_token = [0] * ((GRID // 2) ** 2)
+    for (r, c), name in cells.items():
+        if colour is None or name == colour:
+            per_token[(r // 2) * (GRID // 2) + c // 2] += 1
+    return ",".join(str(sum(per_token[:i + 1])) for i in range(len(per_token)))
+
+
 def make_image(rng: random.Random, level: int):
     """Level 1 counts every square (1 to 6); level ≥ 2 counts the squares of one colour among
     up to 6·level coloured squares (0 to all of them)."""
@@ -127,11 +139,11 @@ def make_image(rng: random.Random, level: int):
     cells = {pos: rng.choice(list(COLORS)) for pos in positions}
     if level == 1:
         return f"{sorted(cells.items())}", Example("image", "How many squares?", str(n_cells), "math",
-                                                   image=draw_cells(cells))
+                                                   image=draw_cells(cells), steps=running_counts(cells))
     colour = rng.choice(list(COLORS))
     count = sum(name == colour for name in cells.values())
     return f"{sorted(cells.items())}|{colour}", Example("image", f"How many {colour} squares?", str(count), "math",
-                                                        image=draw_cells(cells))
+                                                        image=draw_cells(cells), steps=running_counts(cells, colour))
 
 
 def make_video(rng: random.Random, level: int):
@@ -175,6 +187,8 @@ def make_rename(rng: random.Random, level: int, trade: float = 1.0):
     return key, Example("rename", ex.prompt.replace(asked, other), ex.answer, "exact", video=video)
 
 
+# the domains whose examples carry worked steps (WarmStartConfig.worked_steps may teach them)
+WORKED_STEPS = ("image",)
 GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap, "rename": make_rename}
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from optim import cosine
 from policy import (VISION_FAMILIES, TinyConfig, build_tiny_policy, build_tokenizer, collate, encode_prompt,
                     load_policy, make_processor, position_ids, save_policy)
 from rollout import SamplingConfig, full_response_logits
-from tasks import DOMAINS, TASKS_VERSION, DataError, builtin_examples
+from tasks import DOMAINS, TASKS_VERSION, WORKED_STEPS, DataError, builtin_examples
 
 
 # The warm start's code, as far as it decides π_0's float order: π_0 is chaotic under float order,
@@ -52,6 +52,25 @@ class WarmStartConfig:
     # mixed with several movers the tiny vision tower never learned motion (at chance after 2,000
     # steps); taught one, it learns motion and picks some mover's direction on two or more.
     levels: dict = field(default_factory=lambda: {"text": (1, 2), "swap": (1, 2), "image": (1, 2), "video": (1,)})
+    # Domains whose taught responses write worked steps before the answer (tasks.WORKED_STEPS;
+    # `--worked-steps image`: a running count over the vision tokens). Only the answer is graded.
+    worked_steps: tuple = ()
+
+
+def parse_worked_steps(value: str) -> tuple:
+    """'image' -> ("image",); ValueError naming a domain without worked steps."""
+    domains = tuple(sorted({d.strip() for d in value.split(",") if d.strip()}))
+    unknown = [d for d in domains if d not in WORKED_STEPS]
+    if unknown:
+        raise ValueError(f"--worked-steps {value}: {', '.join(unknown)} has no worked steps "
+                         f"(domains with them: {', '.join(WORKED_STEPS)})")
+    return domains
+
+
+def response_tokens(cfg: WarmStartConfig) -> int:
+    """The response length π_0 needs: an answer fits in 10 tokens; nine running counts and the
+    answer in 32."""
+    return 32 if cfg.worked_steps else 10
 
 
 # π_0 of each preset: the tiny model's shape and its warm start (config.presets reads them)
@@ -85,12 +104,12 @@ def check_cache_dir() -> str | None:
     return None
 
 
-def encode_example(model, proc, ex):
+def encode_example(model, proc, ex, steps: bool = False):
     """(prompt, target ids, prompt positions): the prompt with its pixels, the answer the warm
-    start teaches followed by EOS, and the prompt's rope positions. Encoded once per train
+    start teaches (after its worked steps if `steps`) followed by EOS, and the prompt's rope positions. Encoded once per train
     example, not once per step that samples it (the rope index is a Python loop per row in
     transformers)."""
-    target = proc.tokenizer(ex.target(), add_special_tokens=False)["input_ids"] + [proc.eos_ids[0]]
+    target = proc.tokenizer(ex.target(steps), add_special_tokens=False)["input_ids"] + [proc.eos_ids[0]]
     prompt = encode_prompt(proc, ex.prompt, ex.image, ex.video)
     batch = collate([prompt], proc.pad_id)
     return prompt, target, position_ids(model, batch.input_ids, batch.attention_mask, batch.vision)[..., 0, :]
@@ -129,7 +148,10 @@ def domain_rows(cfg: WarmStartConfig) -> dict:
 
 def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
     """The cache folder's name: a hash of everything that makes π_0 what it is."""
-    recipe = [asdict(tiny), asdict(cfg), seed, TASKS_VERSION, RECIPE_VERSION]
+    warm = asdict(cfg)
+    if not warm["worked_steps"]:   # a field newer than the shipped π_0s: named only when set, so their names hold
+        del warm["worked_steps"]
+    recipe = [asdict(tiny), warm, seed, TASKS_VERSION, RECIPE_VERSION]
     return "pi0-" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -161,7 +183,8 @@ def build_pi0(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = F
     model = build_tiny_policy(tokenizer, tiny, seed).to(device)
     proc = make_processor(tokenizer, model)
     share = domain_rows(cfg)   # rename is not taught: RL must learn it against video
-    data = {d: [encode_example(model, proc, ex) for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
+    data = {d: [encode_example(model, proc, ex, d in cfg.worked_steps)
+                for ex in builtin_examples(d, "train", cfg.train_examples, seed, levels=cfg.levels[d])]
             for d in share}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -231,7 +254,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
 
 
 def pi0_accuracy(model, proc, seed: int = 0, problems: int = 1000, difficulty: int = 4,
-                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=10)) -> dict:
+                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=response_tokens(WarmStartConfig()))) -> dict:
     """Greedy accuracy on every built-in domain: on `problems` distinct held-out problems of the
     levels runs draw (1..difficulty; overall and per level), and on as many training problems of
     the same levels, which a π_0 that had memorised its warm start would answer far better."""
@@ -305,10 +328,17 @@ if __name__ == "__main__":
     ap.add_argument("--signal", type=int, default=0, metavar="K",
                     help="then, per domain and level, what GRPO can learn from it with K samples a prompt "
                          "(greedy, pass@K, all-equal groups, systematic errors; --problems per level)")
+    ap.add_argument("--worked-steps", default="", metavar="DOMAIN",
+                    help="the π_0 taught to write worked steps before its answers in these domains (image)")
     a = ap.parse_args()
     tiny, warm = PI0_RECIPES[a.preset]
+    try:
+        warm = replace(warm, worked_steps=parse_worked_steps(a.worked_steps))
+    except ValueError as e:
+        sys.exit(f"warmstart.py: {e}")
+    sampling = SamplingConfig(max_new_tokens=response_tokens(warm))
     if a.rebuild:
-        path = os.path.join(SHIPPED, f"{a.preset}-seed{a.seed}")
+        path = os.path.join(SHIPPED, f"{a.preset}-seed{a.seed}" + "".join(f"-{d}-steps" for d in warm.worked_steps))
         print(f"π_0: a warm start of {warm.steps} supervised steps builds it afresh for {path}", flush=True)
         model, proc, seconds = build_pi0(tiny, warm, a.seed)
         save_pi0(model, proc, path, pi0_name(tiny, warm, a.seed), replace=True)
@@ -318,7 +348,7 @@ if __name__ == "__main__":
     if a.accuracy:
         print(f"π_0 of --preset {a.preset} --seed {a.seed}, greedy accuracy (%), {a.problems} distinct problems per domain:")
         print("| domain | held-out | train, same levels | held-out per level |\n|---|---|---|---|")
-        for domain, acc in pi0_accuracy(model, proc, a.seed, a.problems).items():
+        for domain, acc in pi0_accuracy(model, proc, a.seed, a.problems, sampling=sampling).items():
             levels = ", ".join(f"{100 * v:.0f}" for v in acc["per_level"].values())
             print(f"| {domain} | {100 * acc['heldout']:.1f} | {100 * acc['train']:.1f} | {levels} |")
     if a.signal:
@@ -333,6 +363,6 @@ if __name__ == "__main__":
                 except DataError as e:   # video's one mover: 84 problems in all
                     print(f"| {domain} | {level} | {e} | | | |")
                     continue
-                s = learning_signal(model, proc, held, SamplingConfig(max_new_tokens=10), a.signal)
+                s = learning_signal(model, proc, held, sampling, a.signal)
                 print(f"| {domain} | {level} | {100 * s['greedy']:.1f} | {100 * s[f'pass@{a.signal}']:.1f} | "
                       f"{100 * s['zero_advantage']:.1f} | {100 * s['systematic']:.1f} |", flush=True)

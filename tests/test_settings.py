@@ -92,3 +92,25 @@ def test_train_levels_reach_the_preset_and_only_the_training_pool(tmp_path):
     train = load_domain("text", "train", 200, 0, 4, {}, levels=(2, 3))
     held = load_domain("text", "heldout", 200, 0, 4, {})
     assert {ex.level for ex in train} == {2, 3} and {ex.level for ex in held} == {1, 2, 3, 4}
+
+
+def test_worked_steps_reach_the_warm_start_the_response_length_and_the_record(tmp_path):
+    from checkpoint import why_not_resume
+    out = str(tmp_path / "x")
+    settings = validate(parse_args(["--out", out, "--worked-steps", "image"]))
+    assert settings.preset.warm.worked_steps == ("image",) and settings.preset.rl.sampling.max_new_tokens == 32
+    assert settings.recorded()["--worked-steps"] == "image"
+    assert validate(parse_args(["--out", out, "--worked-steps", "image", "--max-new-tokens", "40"])
+                    ).preset.rl.sampling.max_new_tokens == 40                  # an explicit length wins
+    default = validate(parse_args(["--out", out]))
+    assert default.preset.warm.worked_steps == () and default.preset.rl.sampling.max_new_tokens == 10
+    for flags, message in ((["--worked-steps", "text"], "text has no worked steps"),
+                           (["--worked-steps", "image", "--model", str(tmp_path)], "--model .* has none")):
+        with pytest.raises(UsageError, match=message):
+            validate(parse_args(["--out", out, *flags]))
+    # a run recorded before the flag existed ran without worked steps: it resumes without them, not with
+    older = {k: v for k, v in default.recorded().items() if k != "--worked-steps"}
+    (tmp_path / "x").mkdir()
+    save_checkpoint(out, {"settings": older})
+    assert why_not_resume(out, default.recorded()) is None
+    assert "--worked-steps  (now image)" in why_not_resume(out, settings.recorded())

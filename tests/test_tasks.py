@@ -211,3 +211,25 @@ def test_sixteen_bit_and_float_pictures_are_scaled_not_clipped(tmp_path):
     path.write_text("".join(json.dumps({"prompt": "a", "answer": "1", "image": f}) + "\n" for f in ("a.png", "b.tiff")))
     for ex in load_jsonl(str(path), "image"):
         assert ex.image.dtype == np.uint8 and abs(int(ex.image[0, 0, 0]) - 128) <= 1, ex.source
+
+
+def test_image_worked_steps_count_each_vision_token_in_the_order_the_model_reads_them():
+    """running_counts: the running total after each vision token's 2x2 cells ends at the answer,
+    adds 0-4 a token, and token i is the i-th merged patch of what the model sees (patchify's order)."""
+    import torch
+    from policy import Processor, patchify
+    from tasks import CELL, GRID, draw_cells, running_counts
+    for ex in builtin_examples("image", "train", 200, 0):
+        totals = [int(x) for x in ex.steps.split(",")]
+        steps = [b - a for a, b in zip([0] + totals, totals)]
+        assert len(totals) == (GRID // 2) ** 2 and totals[-1] == int(ex.answer) and all(0 <= s <= 4 for s in steps)
+        assert ex.target() == f"<answer>{ex.answer}</answer>" and ex.target(steps=True) == ex.steps + ex.target()
+    proc = Processor(tokenizer=None, patch_size=CELL, merge_size=2)
+    black, _ = patchify(torch.from_numpy(draw_cells({}))[None], proc)
+    for cell in [(0, 0), (0, 5), (3, 2), (5, 5)]:
+        pixels, _ = patchify(torch.from_numpy(draw_cells({cell: "red"}))[None], proc)
+        lit = {int(i) // 4 for i in torch.nonzero((pixels != black).any(-1)).flatten()}   # merge² patches a token
+        totals = running_counts({cell: "red"}, "red").split(",")
+        assert lit == {totals.index("1")}
+    assert running_counts({(0, 0): "red", (0, 1): "blue"}, "red") == "1,1,1,1,1,1,1,1,1"
+    assert all(not ex.steps for ex in builtin_examples("text", "train", 5, 0))

@@ -200,3 +200,25 @@ def test_a_build_says_when_it_starts_how_long_it_will_take_and_where_it_went(tmp
     assert lines[2].startswith("π_0: warm start, 4 supervised steps,") and str(tmp_path) in lines[2]
     warm_start(TINY, WarmStartConfig(steps=4, batch_size=6, train_examples=30), seed=0)
     assert capsys.readouterr().out == ""                          # cached: nothing to say
+
+
+def test_worked_steps_are_a_recipe_of_their_own_and_taught_before_the_answer(tmp_path, monkeypatch):
+    """`worked_steps=("image",)`: π_0 is another π_0 (its own name; the default's name, and so the
+    shipped π_0s, unchanged), its image targets write the running count first, and its responses
+    get room for it."""
+    from dataclasses import replace
+    from warmstart import encode_example, parse_worked_steps, response_tokens
+    cfg = WarmStartConfig(steps=2, batch_size=6, train_examples=12)
+    steps = replace(cfg, worked_steps=("image",))
+    assert pi0_name(TINY, steps, 0) != pi0_name(TINY, cfg, 0)
+    assert response_tokens(cfg) == 10 and response_tokens(steps) == 32
+    assert parse_worked_steps("image") == ("image",) and parse_worked_steps("") == ()
+    with pytest.raises(ValueError, match="text has no worked steps"):
+        parse_worked_steps("text")
+    monkeypatch.setenv("COPD_CACHE", str(tmp_path))
+    model, proc = warm_start(TINY, steps, seed=0, quiet=True)
+    ex = builtin_examples("image", "train", 1, 0)[0]
+    _, target, _ = encode_example(model, proc, ex, steps=True)
+    assert proc.tokenizer.decode(target, skip_special_tokens=True) == ex.steps + f"<answer>{ex.answer}</answer>"
+    _, plain, _ = encode_example(model, proc, ex)
+    assert proc.tokenizer.decode(plain, skip_special_tokens=True) == f"<answer>{ex.answer}</answer>"
