@@ -25,6 +25,18 @@ def t_interval(diffs: list) -> tuple:
     return mean, mean - t * sd / n ** 0.5, mean + t * sd / n ** 0.5
 
 
+def paired_difference(right_a: str, right_b: str) -> tuple:
+    """Two models on the same problems (results.json `_right`, "0110…"): the difference of their
+    accuracies and two standard errors of it, in points; paired, so a problem both get right or
+    both wrong adds no noise: 2·sd(a_i − b_i)/√n."""
+    if len(right_a) != len(right_b) or not right_a:
+        raise ValueError(f"paired over the same problems: {len(right_a)} against {len(right_b)}")
+    d = [int(a) - int(b) for a, b in zip(right_a, right_b)]
+    n, mean = len(d), sum(d) / len(d)
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 if n > 1 else float("inf")
+    return 100 * mean, 200 * sd / n ** 0.5
+
+
 def two_sided_p(t: float, df: int) -> float:
     """P(|T| ≥ |t|) for Student's t with an integer df, exactly (Abramowitz & Stegun 26.7.3-4):
     with θ = atan(|t|/√df), P(|T| < |t|) = sin θ·Σ (1·3⋯)/(2·4⋯) cos^(2k) θ for even df, and

@@ -13,7 +13,9 @@ from verifiers import extract_answer, score
 
 @torch.no_grad()
 def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int = 1, batch: int = 256) -> dict:
-    """{"greedy": fraction right, "sampled": mean over `samples` responses (if samples > 0)}."""
+    """{"greedy": fraction right, "right": which problems greedy got right ("0110…", one digit
+    per example: paired differences between models need it), "sampled": mean over `samples`
+    responses (if samples > 0)}."""
     greedy, sampled = [], []
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
@@ -22,7 +24,8 @@ def accuracy(model, proc, examples: list, sampling: SamplingConfig, samples: int
         greedy.append(score(generate(model, proc, encoded, 1, sampling, greedy=True, prefilled=state).texts, chunk, 1)[1])
         if samples:
             sampled.append(score(generate(model, proc, encoded, samples, sampling, prefilled=state).texts, chunk, samples)[1])
-    out = {"greedy": float(torch.cat(greedy).mean())}
+    right = torch.cat(greedy)
+    out = {"greedy": float(right.mean()), "right": "".join("01"[int(r)] for r in right.tolist())}
     if samples:
         out["sampled"] = float(torch.cat(sampled).mean())
     return out

@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 
-from claims import claims_table, t_interval
+from claims import claims_table, paired_difference, t_interval
 
 
 def budgets(K: int, T: int, model: str | None) -> dict:
@@ -120,6 +120,14 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
         md += ["", "Gradient cosine between domains on π_0: " +
                ", ".join(f"{k} {v:+.3f}" for k, v in results["_grad_cosine"].items())]
     md += ["", "Gain over base (average, points): " + ", ".join(f"{m} {100 * v:+.1f}" for m, v in cost.items())]
+    right = results.get("_right", {})
+    if "base" in right:
+        md += ["", "Each model − base on the same problems (points, ± 2 standard errors of the paired difference):",
+               "", "| model | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+        for m, r in right.items():
+            if m != "base":
+                md.append(f"| {m} | " + " | ".join("{:+.1f} ± {:.1f}".format(*paired_difference(r[d], right["base"][d]))
+                                                   for d in domains) + " |")
     for method, probes in results.get("_merge_probes", {}).items():
         md += ["", *merge_probes_md(results, method, probes, domains, curves.get(method, []))]
     _atomic_write(os.path.join(out, "results.md"), "\n".join(md) + "\n")

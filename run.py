@@ -150,7 +150,8 @@ class Run:
                     for d in self.domains}
         results = branches.measure(measure, models) if branches else {n: measure(n, m) for n, m in models.items()}
         for name, accs in results.items():
-            self.log(kind="eval", model=name, step=step, final=final, accuracy=accs)
+            self.log(kind="eval", model=name, step=step, final=final,
+                     accuracy={d: {k: v for k, v in a.items() if k != "right"} for d, a in accs.items()})
             if not final:   # the final eval uses a larger set: it would put a jump at the curve's end
                 self.curves.setdefault(name, []).append((step, {d: a["greedy"] for d, a in accs.items()}))
         return results
@@ -171,6 +172,8 @@ class Run:
         self.results["_eval_problems"] = problems
         self.results.setdefault("_stderr", {})[method] = {
             d: round(math.sqrt(a["greedy"] * (1 - a["greedy"]) / problems[d]), 4) for d, a in accs.items()}
+        if all("right" in a for a in accs.values()):   # per problem: paired differences between models
+            self.results.setdefault("_right", {})[method] = {d: a["right"] for d, a in accs.items()}
         if any("sampled" in a for a in accs.values()):
             self.results.setdefault("_sampled", {})[method] = {d: round(a["sampled"], 4) for d, a in accs.items()}
 

@@ -120,8 +120,11 @@ def train_experts(run: Run, layout=None) -> dict:
         for d in run.domains:
             log_divergence(run, "experts", T, experts[d], run.model0, f"{d}~base", d)
         own = {d: run.results[f"expert:{d}"][d] for d in run.domains}   # each expert on its own domain
-        run.results["experts" if run.settings.method != "rlvr" else "rlvr"] = {
-            **own, "average": round(sum(own.values()) / len(own), 4)}
+        row = "experts" if run.settings.method != "rlvr" else "rlvr"
+        run.results[row] = {**own, "average": round(sum(own.values()) / len(own), 4)}
+        right = run.results.get("_right", {})
+        if all(f"expert:{d}" in right for d in run.domains):
+            right[row] = {d: right[f"expert:{d}"][d] for d in run.domains}
         run.finish("experts")
     return experts
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from claims import claim_differences, claims_table, holm, p_value, t_interval, two_sided_p
 from report import load_runs
 
@@ -73,3 +75,12 @@ def test_holm_keeps_a_claim_that_passes_alone_but_not_among_many():
 def test_replications_of_a_seed_are_pooled_into_one_seed(tmp_path):
     pooled = claim_differences(load_runs(fake_claims_runs(tmp_path, seeds=range(3), replications=2)))
     assert all(len(d) == 3 for d in pooled.values())
+
+
+def test_a_paired_difference_is_paired_over_the_same_problems():
+    from claims import paired_difference
+    assert paired_difference("1111", "1111") == (0.0, 0.0)       # same answers: no noise at all
+    mean, two_se = paired_difference("0111", "1100")              # differences −1, 0, +1, +1
+    assert mean == pytest.approx(25.0) and two_se == pytest.approx(200 * (0.9166667 ** 0.5) / 2)
+    with pytest.raises(ValueError, match="same problems"):
+        paired_difference("01", "011")

@@ -22,3 +22,10 @@ def test_learning_signal_counts_what_grpo_can_learn(monkeypatch):
     scripted(monkeypatch, [a(7), a(1), a(5), a(9)], samples)
     s = evaluate.learning_signal(None, None, exs, SamplingConfig(), k=4)
     assert s == {"greedy": 0.25, "pass@4": 0.5, "zero_advantage": 0.75, "systematic": 0.25}
+
+
+def test_accuracy_says_which_problems_greedy_got_right(monkeypatch):
+    exs = [Example("text", f"p{i}", "7", "math") for i in range(4)]
+    a = lambda x: f"<answer>{x}</answer>"
+    scripted(monkeypatch, [a(7), a(1), a(7), a(9)], [])
+    assert evaluate.accuracy(None, None, exs, SamplingConfig(), samples=0) == {"greedy": 0.5, "right": "1010"}

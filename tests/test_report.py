@@ -123,3 +123,14 @@ def test_a_folder_listed_twice_a_corrupt_file_or_other_experts_is_one_line(tmp_p
         r = subprocess.run([sys.executable, os.path.join(root, "report.py"), *folders], capture_output=True, text=True)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_results_give_each_models_paired_gain_over_base_on_the_same_problems(tmp_path):
+    """Four problems: base gets 1 and 2 right, the expert 2, 3 and 4: +25 points, paired."""
+    results = {**RESULTS, "_right": {"base": {"text": "1100", "image": "1111"},
+                                     "experts": {"text": "0111", "image": "1111"}}}
+    write_fake(tmp_path, results)
+    md = (tmp_path / "results.md").read_text()
+    assert "Each model − base on the same problems (points, ± 2 standard errors of the paired difference):" in md
+    # differences −1, 0, +1, +1: mean 0.25, sd 0.957, 2·sd/√4 = 0.957
+    assert "| experts | +25.0 ± 95.7 | +0.0 ± 0.0 |" in md
