@@ -128,9 +128,9 @@ def parse_args(argv=None, description: str = ""):
                          "(default 1; 0: video's task on a grey background)")
     ap.add_argument("--rl-opd-ratio", type=float, default=None,
                     help="CoPD's S_RL : S_OPD, Phase I steps per Phase II step (default 1.5, the paper's best)")
-    ap.add_argument("--worked-steps", default=None, metavar="DOMAIN",
-                    help="the tiny π_0 taught to write worked steps before its answers in these domains: image "
-                         "(a running count over the picture's vision tokens; responses up to 32 tokens)")
+    ap.add_argument("--worked-steps", default=None, metavar="D,D",
+                    help="the tiny π_0 taught to write worked steps before its answers in these domains: text, "
+                         "swap (running totals), image (a running count over the picture's vision tokens)")
     ap.add_argument("--topology", default="hub", help=" | ".join(TOPOLOGIES) + " (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-prompt-tokens", type=int, default=None,

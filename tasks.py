@@ -98,10 +98,21 @@ def evaluate_left_to_right(nums: list, ops: list) -> int:
     return value
 
 
+def running_totals(nums: list, ops: list) -> str:
+    """Worked steps of a sum: each operation and the total after it ("+5=12,-3=9,"), so each step
+    adds one digit to the last total instead of the answer adding up to six digits at once."""
+    steps, value = [], nums[0]
+    for op, n in zip(ops, nums[1:]):
+        value = value + n if op == "+" else value - n
+        steps.append(f"{op}{n}={value},")
+    return "".join(steps)
+
+
 def make_text(rng: random.Random, level: int):
     nums, ops = arithmetic(rng, level)
     expr = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:]))
-    return expr, Example("text", f"Compute {expr}.", str(evaluate_left_to_right(nums, ops)), "math")
+    return expr, Example("text", f"Compute {expr}.", str(evaluate_left_to_right(nums, ops)), "math",
+                         steps=running_totals(nums, ops))
 
 
 def make_swap(rng: random.Random, level: int):
@@ -109,7 +120,7 @@ def make_swap(rng: random.Random, level: int):
     expr = str(nums[0]) + "".join(op + str(n) for op, n in zip(ops, nums[1:]))
     swapped = ["-" if op == "+" else "+" for op in ops]
     return expr, Example("swap", f"Swap + and -, then compute {expr}.",
-                                   str(evaluate_left_to_right(nums, swapped)), "math")
+                         str(evaluate_left_to_right(nums, swapped)), "math", steps=running_totals(nums, swapped))
 
 
 def draw_cells(cells: dict):
@@ -188,7 +199,7 @@ def make_rename(rng: random.Random, level: int, trade: float = 1.0):
 
 
 # the domains whose examples carry worked steps (WarmStartConfig.worked_steps may teach them)
-WORKED_STEPS = ("image",)
+WORKED_STEPS = ("text", "swap", "image")
 GENERATORS = {"text": make_text, "image": make_image, "video": make_video, "swap": make_swap, "rename": make_rename}
 
 

@@ -52,8 +52,9 @@ class WarmStartConfig:
     # mixed with several movers the tiny vision tower never learned motion (at chance after 2,000
     # steps); taught one, it learns motion and picks some mover's direction on two or more.
     levels: dict = field(default_factory=lambda: {"text": (1, 2), "swap": (1, 2), "image": (1, 2), "video": (1,)})
-    # Domains whose taught responses write worked steps before the answer (tasks.WORKED_STEPS;
-    # `--worked-steps image`: a running count over the vision tokens). Only the answer is graded.
+    # Domains whose taught responses write worked steps before the answer (tasks.WORKED_STEPS:
+    # running totals for text and swap, a running count over the vision tokens for image). Only
+    # the answer is graded.
     worked_steps: tuple = ()
 
 
@@ -67,10 +68,14 @@ def parse_worked_steps(value: str) -> tuple:
     return domains
 
 
+# the tokens a taught response can take: the answer alone; with the worked steps of each domain
+# (nine running counts up to 24; five steps like "-9=-36,")
+RESPONSE_TOKENS = {"answer": 10, "image": 32, "text": 48, "swap": 48}
+
+
 def response_tokens(cfg: WarmStartConfig) -> int:
-    """The response length π_0 needs: an answer fits in 10 tokens; nine running counts and the
-    answer in 32."""
-    return 32 if cfg.worked_steps else 10
+    """The response length π_0 needs, its longest domain's."""
+    return max(RESPONSE_TOKENS[d] for d in ("answer", *cfg.worked_steps))
 
 
 # π_0 of each preset: the tiny model's shape and its warm start (config.presets reads them)
@@ -329,7 +334,8 @@ if __name__ == "__main__":
                     help="then, per domain and level, what GRPO can learn from it with K samples a prompt "
                          "(greedy, pass@K, all-equal groups, systematic errors; --problems per level)")
     ap.add_argument("--worked-steps", default="", metavar="DOMAIN",
-                    help="the π_0 taught to write worked steps before its answers in these domains (image)")
+                    help="the π_0 taught to write worked steps before its answers in these domains "
+                         "(text, swap, image)")
     a = ap.parse_args()
     tiny, warm = PI0_RECIPES[a.preset]
     try:

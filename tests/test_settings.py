@@ -104,7 +104,7 @@ def test_worked_steps_reach_the_warm_start_the_response_length_and_the_record(tm
                     ).preset.rl.sampling.max_new_tokens == 40                  # an explicit length wins
     default = validate(parse_args(["--out", out]))
     assert default.preset.warm.worked_steps == () and default.preset.rl.sampling.max_new_tokens == 10
-    for flags, message in ((["--worked-steps", "text"], "text has no worked steps"),
+    for flags, message in ((["--worked-steps", "rename"], "rename has no worked steps"),
                            (["--worked-steps", "image", "--model", str(tmp_path)], "--model .* has none")):
         with pytest.raises(UsageError, match=message):
             validate(parse_args(["--out", out, *flags]))

@@ -232,4 +232,15 @@ def test_image_worked_steps_count_each_vision_token_in_the_order_the_model_reads
         totals = running_counts({cell: "red"}, "red").split(",")
         assert lit == {totals.index("1")}
     assert running_counts({(0, 0): "red", (0, 1): "blue"}, "red") == "1,1,1,1,1,1,1,1,1"
-    assert all(not ex.steps for ex in builtin_examples("text", "train", 5, 0))
+    assert all(not ex.steps for ex in builtin_examples("video", "train", 5, 0))
+
+
+@pytest.mark.parametrize("domain", ["text", "swap"])
+def test_arithmetic_worked_steps_are_running_totals_that_end_at_the_answer(domain):
+    from warmstart import RESPONSE_TOKENS
+    for ex in builtin_examples(domain, "train", 300, 0):
+        steps = ex.steps.rstrip(",").split(",")
+        assert len(steps) == ex.level + 1 and steps[-1].split("=")[1] == ex.answer
+        assert len(ex.target(steps=True)) - len("<answer></answer>") + 3 <= RESPONSE_TOKENS[domain]
+    text = [ex for ex in builtin_examples("text", "train", 50, 0) if ex.prompt == "Compute 6-3+0."]
+    assert text and text[0].target(steps=True) == "-3=3,+0=3,<answer>3</answer>"

@@ -212,9 +212,10 @@ def test_worked_steps_are_a_recipe_of_their_own_and_taught_before_the_answer(tmp
     steps = replace(cfg, worked_steps=("image",))
     assert pi0_name(TINY, steps, 0) != pi0_name(TINY, cfg, 0)
     assert response_tokens(cfg) == 10 and response_tokens(steps) == 32
-    assert parse_worked_steps("image") == ("image",) and parse_worked_steps("") == ()
-    with pytest.raises(ValueError, match="text has no worked steps"):
-        parse_worked_steps("text")
+    assert response_tokens(replace(cfg, worked_steps=("image", "text"))) == 48
+    assert parse_worked_steps("text,image") == ("image", "text") and parse_worked_steps("") == ()
+    with pytest.raises(ValueError, match="video has no worked steps"):
+        parse_worked_steps("video")
     monkeypatch.setenv("COPD_CACHE", str(tmp_path))
     model, proc = warm_start(TINY, steps, seed=0, quiet=True)
     ex = builtin_examples("image", "train", 1, 0)[0]
