@@ -111,9 +111,9 @@ def check_cache_dir() -> str | None:
 
 def encode_example(model, proc, ex, steps: bool = False):
     """(prompt, target ids, prompt positions): the prompt with its pixels, the answer the warm
-    start teaches (after its worked steps if `steps`) followed by EOS, and the prompt's rope positions. Encoded once per train
-    example, not once per step that samples it (the rope index is a Python loop per row in
-    transformers)."""
+    start teaches (after its worked steps if `steps`) followed by EOS, and the prompt's rope
+    positions. Encoded once per train example, not once per step that samples it (the rope index
+    is a Python loop per row in transformers)."""
     target = proc.tokenizer(ex.target(steps), add_special_tokens=False)["input_ids"] + [proc.eos_ids[0]]
     prompt = encode_prompt(proc, ex.prompt, ex.image, ex.video)
     batch = collate([prompt], proc.pad_id)
@@ -259,7 +259,7 @@ def warm_start(tiny: TinyConfig, cfg: WarmStartConfig, seed: int, quiet: bool = 
 
 
 def pi0_accuracy(model, proc, seed: int = 0, problems: int = 1000, difficulty: int = 4,
-                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=response_tokens(WarmStartConfig()))) -> dict:
+                 sampling: SamplingConfig = SamplingConfig(max_new_tokens=RESPONSE_TOKENS["answer"])) -> dict:
     """Greedy accuracy on every built-in domain: on `problems` distinct held-out problems of the
     levels runs draw (1..difficulty; overall and per level), and on as many training problems of
     the same levels, which a π_0 that had memorised its warm start would answer far better."""
@@ -333,7 +333,7 @@ if __name__ == "__main__":
     ap.add_argument("--signal", type=int, default=0, metavar="K",
                     help="then, per domain and level, what GRPO can learn from it with K samples a prompt "
                          "(greedy, pass@K, all-equal groups, systematic errors; --problems per level)")
-    ap.add_argument("--worked-steps", default="", metavar="DOMAIN",
+    ap.add_argument("--worked-steps", default="", metavar="D,D",
                     help="the π_0 taught to write worked steps before its answers in these domains "
                          "(text, swap, image)")
     a = ap.parse_args()
