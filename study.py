@@ -124,6 +124,20 @@ def pull_report(settings: dict, runs: dict, path: str) -> list:
           "the first row's runs of the same seed:", "",
           "| setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     md += [f"| {settings[s]} | " + " | ".join(cell([x[m] for x in per[s]]) for m in names) + " |" for s in runs]
+    # what a stronger pull buys and costs, against the same seed's baseline CoPD: the merged model,
+    # each branch on its own domain, and how far apart the branches end
+    changes = {}
+    for name, label in (("copd", "CoPD"), ("copd@equal", "CoPD@equal")):
+        changes[f"{label}: merged"] = lambda res, n=name: 100 * res[n]["average"]
+        for d in domains:
+            changes[f"{label}: {d} branch on {d}"] = lambda res, n=name, d=d: 100 * res[f"{n}:{d}"][d]
+        drift = f"{label}: drift between branches (% of ‖θ_0‖)"
+        changes[drift] = lambda res, drift=drift: measures(res, domains)[drift]
+    others = list(runs)[1:]
+    md += ["", f"Each setting − the first row ({settings[base_setting]}) on the same seed (points; mean over seeds "
+           "[95% t-interval]):", "", "| setting | " + " | ".join(changes) + " |", "|---" * (len(changes) + 1) + "|"]
+    md += [f"| {settings[s]} | " + " | ".join(cell([f(res) - f(base) for (res, _), (base, _) in zip(runs[s], runs[base_setting])])
+                                              for f in changes.values()) + " |" for s in others]
     claims = {f"{settings[s]}: CoPD − mixed RLVR > 0": [x["CoPD − mixed RLVR"] for x in per[s]] for s in runs}
     claims.update({f"{settings[s]}: CoPD@equal − mixed RLVR > 0": [x["CoPD@equal − mixed RLVR"] for x in per[s]]
                    for s in runs})

@@ -62,7 +62,21 @@ def test_the_pull_report_compares_each_setting_with_the_baselines_of_its_seed(tm
     flags = {base: {"--rename-trade": "1"}, "video,rename --method copd+equal --opd-beta 4": {"--method": "copd+equal",
                                                                                              "--opd-beta": "4"}}
     write_study_report("pull", folders, flags, str(tmp_path / "pull"))
-    md = (tmp_path / "pull.md").read_text()
+    md = (tmp_path / "pull.md").read_text().split("Each setting − the first row")[0]
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| β 1") or line.startswith("| opd-beta 4")}
     assert rows["β 1, rl-opd-ratio 1.5"].split(" | ")[1].startswith("+5.0")
     assert rows["opd-beta 4"].split(" | ")[1].startswith("+8.0")                  # mixed from the same seed's baseline
+
+
+def test_the_pull_report_gives_each_setting_minus_the_baseline_of_its_seed(tmp_path):
+    base, stronger = "video,rename --rename-trade 1", "video,rename --method copd+equal --opd-beta 4"
+    folders = {base: [fake_run(tmp_path / f"b{s}", s) for s in range(3)],
+               stronger: [fake_run(tmp_path / f"v{s}", s, copd_lead=0.03, with_baselines=False) for s in range(3)]}
+    flags = {base: {"--rename-trade": "1"}, stronger: {"--method": "copd+equal", "--opd-beta": "4"}}
+    write_study_report("pull", folders, flags, str(tmp_path / "pull"))
+    md = (tmp_path / "pull.md").read_text().split("Each setting − the first row")[1]
+    header = next(line for line in md.splitlines() if line.startswith("| setting"))
+    row = next(line for line in md.splitlines() if line.startswith("| opd-beta 4"))
+    change = dict(zip(header.split(" | ")[1:], row.split(" | ")[1:]))
+    assert change["CoPD: merged"].startswith("+3.0") and change["CoPD: video branch on video"].startswith("+3.0")
+    assert change["CoPD: drift between branches (% of ‖θ_0‖)"].startswith("+0.0")
