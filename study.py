@@ -187,7 +187,7 @@ def plot_probes(groups: dict, domains: list, path: str):
             for j, (what, values) in enumerate(bars.items()):
                 bar_ax.bar(i + 0.27 * (j - 1), sum(values) / len(values), 0.25, color=f"C{j}",
                            label=what if i == 0 else None)
-    bar_ax.set_xticks(range(len(groups)), list(groups), fontsize=7)
+    bar_ax.set_xticks(range(len(groups)), list(groups), fontsize=6, rotation=15, ha="right")
     seeds = len(next(iter(groups.values())))
     for ax, title, x in ((drift_ax, "drift: L2 distance, % of ‖θ_0‖", "update"),
                          (merged_ax, "merged model, held-out %", "update"),
