@@ -130,7 +130,8 @@ def parse_args(argv=None, description: str = ""):
                     help="CoPD's S_RL : S_OPD, Phase I steps per Phase II step (default 1.5, the paper's best)")
     ap.add_argument("--worked-steps", default=None, metavar="D,D",
                     help="the tiny π_0 taught to write worked steps before its answers in these domains: text, "
-                         "swap (running totals), image (a running count over the picture's vision tokens)")
+                         "swap (running totals), image (a running count over the picture's vision tokens); none: no domain "
+                         "(default: the preset's, none)")
     ap.add_argument("--topology", default="hub", help=" | ".join(TOPOLOGIES) + " (three or more experts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-prompt-tokens", type=int, default=None,

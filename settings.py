@@ -158,7 +158,7 @@ def apply_flags(preset: Preset, args, K: int) -> Preset:
         preset.train_levels = levels
     preset.rl_opd_ratio = args.rl_opd_ratio or preset.rl_opd_ratio
     preset.opd.beta = preset.opd.beta if args.opd_beta is None else args.opd_beta
-    if args.worked_steps:
+    if args.worked_steps is not None:
         if args.model:
             raise UsageError(f"--worked-steps {args.worked_steps} changes the tiny π_0's warm start; "
                              f"--model {args.model} has none")

@@ -59,8 +59,8 @@ class WarmStartConfig:
 
 
 def parse_worked_steps(value: str) -> tuple:
-    """'image' -> ("image",); ValueError naming a domain without worked steps."""
-    domains = tuple(sorted({d.strip() for d in value.split(",") if d.strip()}))
+    """'image' -> ("image",), 'none' -> (); ValueError naming a domain without worked steps."""
+    domains = tuple(sorted({d.strip() for d in value.split(",") if d.strip() and d.strip() != "none"}))
     unknown = [d for d in domains if d not in WORKED_STEPS]
     if unknown:
         raise ValueError(f"--worked-steps {value}: {', '.join(unknown)} has no worked steps "
@@ -333,18 +333,20 @@ if __name__ == "__main__":
     ap.add_argument("--signal", type=int, default=0, metavar="K",
                     help="then, per domain and level, what GRPO can learn from it with K samples a prompt "
                          "(greedy, pass@K, all-equal groups, systematic errors; --problems per level)")
-    ap.add_argument("--worked-steps", default="", metavar="D,D",
+    ap.add_argument("--worked-steps", default=None, metavar="D,D",
                     help="the π_0 taught to write worked steps before its answers in these domains "
-                         "(text, swap, image)")
+                         "(text, swap, image; none: no domain), instead of the preset's")
     a = ap.parse_args()
     tiny, warm = PI0_RECIPES[a.preset]
     try:
-        warm = replace(warm, worked_steps=parse_worked_steps(a.worked_steps))
+        if a.worked_steps is not None:
+            warm = replace(warm, worked_steps=parse_worked_steps(a.worked_steps))
     except ValueError as e:
         sys.exit(f"warmstart.py: {e}")
     sampling = SamplingConfig(max_new_tokens=response_tokens(warm))
     if a.rebuild:
-        path = os.path.join(SHIPPED, f"{a.preset}-seed{a.seed}" + "".join(f"-{d}-steps" for d in warm.worked_steps))
+        steps = "" if warm == PI0_RECIPES[a.preset][1] else "-steps-" + ("-".join(warm.worked_steps) or "none")
+        path = os.path.join(SHIPPED, f"{a.preset}-seed{a.seed}{steps}")
         print(f"π_0: a warm start of {warm.steps} supervised steps builds it afresh for {path}", flush=True)
         model, proc, seconds = build_pi0(tiny, warm, a.seed)
         save_pi0(model, proc, path, pi0_name(tiny, warm, a.seed), replace=True)

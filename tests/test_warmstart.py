@@ -87,7 +87,8 @@ def test_each_shipped_pi0_is_partly_right_on_every_domain_and_has_not_memorised(
 
 
 def test_rebuild_ships_a_pi0_that_runs_then_find(tmp_path):
-    """`warmstart.py --rebuild` writes pi0/PRESET-seedS with its NAME, replacing the one there;
+    """`warmstart.py --rebuild` writes pi0/PRESET-seedS with its NAME, replacing the one there
+    (pi0/PRESET-seedS-steps-D for worked steps other than the preset's);
     a later run loads it and writes nothing to the cache. On a copy of the code: the rebuild
     writes beside warmstart.py."""
     import shutil
@@ -100,13 +101,15 @@ def test_rebuild_ships_a_pi0_that_runs_then_find(tmp_path):
     env = {**os.environ, "COPD_CACHE": str(tmp_path / "cache")}
     build = lambda *flags: subprocess.run([sys.executable, "warmstart.py", "--preset", "smoke", "--seed", "3", *flags],
                                           cwd=code, capture_output=True, text=True, env=env)
-    for _ in range(2):   # the second replaces the first
-        r = build("--rebuild")
+    # the second replaces the first (--worked-steps none is the preset's own recipe); the third,
+    # another recipe, ships beside it under a name that says so
+    for flags in ((), ("--worked-steps", "none"), ("--worked-steps", "image")):
+        r = build("--rebuild", *flags)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1].startswith("π_0: warm start, 20 supervised steps,")
     p = presets()["smoke"]
     assert (code / "pi0" / "smoke-seed3" / "NAME").read_text().strip() == pi0_name(p.tiny, p.warm, 3)
-    assert sorted(os.listdir(code / "pi0")) == ["smoke-seed3"]
+    assert sorted(os.listdir(code / "pi0")) == ["smoke-seed3", "smoke-seed3-steps-image"]
     r = build()
     assert r.returncode == 0 and r.stdout == "π_0: shipped with the code, pi0/smoke-seed3\n", r.stdout + r.stderr
     assert not os.path.exists(tmp_path / "cache")
@@ -203,9 +206,8 @@ def test_a_build_says_when_it_starts_how_long_it_will_take_and_where_it_went(tmp
 
 
 def test_worked_steps_are_a_recipe_of_their_own_and_taught_before_the_answer(tmp_path, monkeypatch):
-    """`worked_steps=("image",)`: π_0 is another π_0 (its own name; the default's name, and so the
-    shipped π_0s, unchanged), its image targets write the running count first, and its responses
-    get room for it."""
+    """`worked_steps=("image",)`: π_0 is another π_0 (its own name), its image targets write the
+    running count first, and its responses get room for it."""
     from dataclasses import replace
     from warmstart import encode_example, parse_worked_steps, response_tokens
     cfg = WarmStartConfig(steps=2, batch_size=6, train_examples=12)
@@ -213,7 +215,7 @@ def test_worked_steps_are_a_recipe_of_their_own_and_taught_before_the_answer(tmp
     assert pi0_name(TINY, steps, 0) != pi0_name(TINY, cfg, 0)
     assert response_tokens(cfg) == 10 and response_tokens(steps) == 32
     assert response_tokens(replace(cfg, worked_steps=("image", "text"))) == 48
-    assert parse_worked_steps("text,image") == ("image", "text") and parse_worked_steps("") == ()
+    assert parse_worked_steps("text,image") == ("image", "text") and parse_worked_steps("none") == ()
     with pytest.raises(ValueError, match="video has no worked steps"):
         parse_worked_steps("video")
     monkeypatch.setenv("COPD_CACHE", str(tmp_path))
