@@ -60,7 +60,7 @@ class WarmStartConfig:
 
 def parse_worked_steps(value: str) -> tuple:
     """'image' -> ("image",), 'none' -> (); ValueError naming a domain without worked steps."""
-    domains = tuple(sorted({d.strip() for d in value.split(",") if d.strip() and d.strip() != "none"}))
+    domains = tuple(sorted({d.strip() for d in value.split(",")} - {"", "none"}))
     unknown = [d for d in domains if d not in WORKED_STEPS]
     if unknown:
         raise ValueError(f"--worked-steps {value}: {', '.join(unknown)} has no worked steps "
