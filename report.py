@@ -110,6 +110,8 @@ def write_results(out: str, results: dict, domains: list, curves: dict, divergen
     md += ["", f"Learning rate: {learning_rate}."]
     if results.get("_machine"):
         md += ["", "Computed on: " + "; then ".join(results["_machine"]) + "."]
+    if results.get("_pi0"):
+        md += ["", f"π_0: {results['_pi0']}."]
     if results.get("_compute"):
         md += ["", "Compute (static OPD and MOPD rows count the distillation alone; they start from the experts):",
                "", compute_table([results])]

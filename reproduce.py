@@ -20,6 +20,7 @@ cores slow every run tenfold).
 """
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -35,7 +36,7 @@ from settings import apply_flags
 from claims import claims_table
 from report import compute_table, load_runs, plot_reproduction, summary_table
 from tasks import DOMAINS
-from warmstart import pi0_cached
+from warmstart import pi0_cached, pi0_name
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -117,6 +118,12 @@ def build_pi0(seed: int, preset: str, log_path: str) -> tuple:
     """One seed's π_0 into the cache that train.py reads; (seconds, exit code)."""
     return one_thread([sys.executable, os.path.join(HERE, "warmstart.py"), "--preset", preset, "--seed", str(seed)],
                       log_path)
+
+
+def stored_pi0(out: str) -> str | None:
+    """The π_0 a finished run started from (results.json `_pi0`; None for runs older than that record)."""
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f).get("_pi0")
 
 
 def run_one(setting: str, seed: int, out: str, preset: str, extra: list) -> tuple:
@@ -218,6 +225,12 @@ def main(argv=None):
         print(f"wrote {path}.md and {path}.png", flush=True)
 
     preset = presets()[a.preset]
+    stale = [out for _, seed, out in jobs if finished(out) and
+             stored_pi0(out) != pi0_name(preset.tiny, preset.warm, seed)]
+    if stale:
+        print(f"error: {len(stale)} finished run(s) in {a.runs} started from another π_0 than the {a.preset} preset's "
+              f"now (an older recipe): {', '.join(stale)}; move them away, or pass another --runs", file=sys.stderr)
+        return 2
     missing = [seed for seed in seeds if not pi0_cached(preset.tiny, preset.warm, seed)[1]
                and any(not finished(out) for _, s, out in jobs if s == seed)]
     built = {seed: threading.Event() for seed in missing}

@@ -26,6 +26,7 @@ from memory import clone_policy
 from optim import adamw, learning_rate, set_lr
 from policy import encode_prompt
 from tasks import load_domain
+from warmstart import pi0_of
 
 MAX_SKIPPED_IN_A_ROW = 5
 
@@ -86,6 +87,7 @@ class Run:
         here = machine(settings.device)
         if self.results.get("_machine", [None])[-1] != here:
             self.results.setdefault("_machine", []).append(here)
+        self.results["_pi0"] = pi0_of(settings)
 
     # -- prompts
 

@@ -34,7 +34,9 @@ from tasks import DOMAINS, TASKS_VERSION, WORKED_STEPS, DataError, builtin_examp
 
 # The warm start's code, as far as it decides π_0's float order: π_0 is chaotic under float order,
 # so a change there makes other π_0s and must not reuse cached ones. 2: one forward per domain.
-RECIPE_VERSION = 2
+# 3: the cpu preset's recipe (image's worked steps, video at four times its rows), so that the
+# numbers reported for it name one version.
+RECIPE_VERSION = 3
 ESTIMATE_AFTER = 50                    # warm-start steps timed before the time it will take is printed
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pi0")   # π_0s shipped with the code
 
@@ -81,7 +83,10 @@ def response_tokens(cfg: WarmStartConfig) -> int:
 # π_0 of each preset: the tiny model's shape and its warm start (config.presets reads them)
 PI0_RECIPES = {
     "smoke": (TinyConfig(), WarmStartConfig(steps=20, batch_size=16, train_examples=200)),
-    "cpu": (TinyConfig(), WarmStartConfig()),
+    # image's worked steps make RL teach counting (docs/testbed.md); their 21-token responses take
+    # a share of the token-mean loss from video, whose rows four times over keep motion learned
+    "cpu": (TinyConfig(), WarmStartConfig(shares={"text": 2, "swap": 2, "image": 1, "video": 4},
+                                          worked_steps=("image",))),
     "gpu": (TinyConfig(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=768),
             WarmStartConfig(steps=1500, batch_size=128)),
 }
@@ -158,6 +163,12 @@ def pi0_name(tiny: TinyConfig, cfg: WarmStartConfig, seed: int) -> str:
         del warm["worked_steps"]
     recipe = [asdict(tiny), warm, seed, TASKS_VERSION, RECIPE_VERSION]
     return "pi0-" + hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pi0_of(settings) -> str:
+    """What a run starts from, as its results.json `_pi0` records it: --model as given, or the tiny
+    π_0's name (its recipe), so that results of another π_0 are never taken for this one's."""
+    return settings.model or pi0_name(settings.preset.tiny, settings.preset.warm, settings.seed)
 
 
 def shipped_pi0(name: str) -> str | None:

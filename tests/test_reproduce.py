@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 
@@ -22,6 +23,17 @@ def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, c
     assert reproduce.main(argv) == 0                      # again: nothing reruns
     assert capsys.readouterr().out.count(": kept") == 2
     assert finished == {p: os.path.getmtime(runs / p / "results.json") for p in finished}
+    # a finished run of another π_0 (an older recipe) is never kept as this one's: refused, named, untouched
+    results = runs / "text+image-s1" / "results.json"
+    older = json.loads(results.read_text())
+    assert older["_pi0"].startswith("pi0-")
+    older["_pi0"] = "pi0-000000000000"
+    results.write_text(json.dumps(older))
+    capsys.readouterr()
+    assert reproduce.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "started from another π_0" in err and "text+image-s1" in err and "text+image-s0" not in err
+    assert json.loads(results.read_text())["_pi0"] == "pi0-000000000000"
 
 
 def test_an_interrupted_run_resumes_and_a_run_killed_before_its_checkpoint_starts_over(tmp_path):

@@ -96,26 +96,26 @@ def test_train_levels_reach_the_preset_and_only_the_training_pool(tmp_path):
 
 def test_worked_steps_reach_the_warm_start_the_response_length_and_the_record(tmp_path):
     """--worked-steps D,D asks for the π_0 that writes these domains' worked steps (none: no
-    domain's, the presets' own), and the responses get the room its steps need."""
+    domain's; the cpu preset's own: image's), and the responses get the room its steps need."""
     from checkpoint import why_not_resume
     out = str(tmp_path / "x")
-    settings = validate(parse_args(["--out", out, "--worked-steps", "image"]))
-    assert settings.preset.warm.worked_steps == ("image",) and settings.preset.rl.sampling.max_new_tokens == 32
-    assert settings.recorded()["--worked-steps"] == "image"
+    settings = validate(parse_args(["--out", out, "--worked-steps", "none"]))
+    assert settings.preset.warm.worked_steps == () and settings.preset.rl.sampling.max_new_tokens == 10
+    assert settings.recorded()["--worked-steps"] == ""
     both = validate(parse_args(["--out", out, "--worked-steps", "text,image"]))
     assert both.preset.warm.worked_steps == ("image", "text") and both.preset.rl.sampling.max_new_tokens == 48
     assert validate(parse_args(["--out", out, "--worked-steps", "image", "--max-new-tokens", "40"])
                     ).preset.rl.sampling.max_new_tokens == 40                  # an explicit length wins
     default = validate(parse_args(["--out", out]))
-    assert default.preset.warm.worked_steps == () and default.preset.rl.sampling.max_new_tokens == 10
-    assert validate(parse_args(["--out", out, "--worked-steps", "none"])).recorded() == default.recorded()
+    assert default.preset.warm.worked_steps == ("image",) and default.preset.rl.sampling.max_new_tokens == 32
+    assert validate(parse_args(["--out", out, "--worked-steps", "image"])).recorded() == default.recorded()
     for flags, message in ((["--worked-steps", "rename"], "rename has no worked steps"),
                            (["--worked-steps", "image", "--model", str(tmp_path)], "--model .* has none")):
         with pytest.raises(UsageError, match=message):
             validate(parse_args(["--out", out, *flags]))
     # a run recorded before the flag existed ran without worked steps: it resumes without them, not with
-    older = {k: v for k, v in default.recorded().items() if k != "--worked-steps"}
+    older = {k: v for k, v in settings.recorded().items() if k != "--worked-steps"}
     (tmp_path / "x").mkdir()
     save_checkpoint(out, {"settings": older})
-    assert why_not_resume(out, default.recorded()) is None
-    assert "--worked-steps  (now image)" in why_not_resume(out, settings.recorded())
+    assert why_not_resume(out, settings.recorded()) is None
+    assert "--worked-steps  (now image)" in why_not_resume(out, default.recorded())
