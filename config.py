@@ -17,7 +17,7 @@ from policy import TinyConfig
 from rlvr import RLConfig
 from rollout import SamplingConfig
 from tasks import DOMAINS
-from warmstart import PI0_RECIPES, WarmStartConfig
+from warmstart import PI0_RECIPES, WarmStartConfig, response_tokens
 
 
 @dataclass(frozen=True)
@@ -71,18 +71,19 @@ class Preset:
 
 
 def presets():
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
     tiny_and_warm = lambda name: dict(zip(("tiny", "warm"), copy.deepcopy(PI0_RECIPES[name])))   # warmstart.py
+    # room for the longest response π_0 was taught (worked steps), so a rollout is never cut short
+    sampling = lambda name: SamplingConfig(temperature=1.0, max_new_tokens=response_tokens(PI0_RECIPES[name][1]))
     smoke = Preset(steps=4, cycles=2, train_pool=200, eval_size=16, curve_eval_size=8, eval_every=2,
                    eval_samples=1, divergence_every=2, divergence_prompts=4, **tiny_and_warm("smoke"),
-                   rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling),
+                   rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling("smoke")),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
     cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
                  eval_every=50, eval_size=1000, curve_eval_size=200, **tiny_and_warm("cpu"),
-                 rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling),
+                 rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling("cpu")),
                  opd=OPDConfig(prompts_per_step=8, samples_per_prompt=8))
     gpu = Preset(steps=200, cycles=8, eval_size=1000, curve_eval_size=200, **tiny_and_warm("gpu"),
-                 rl=RLConfig(prompts_per_step=64, group_size=8, micro_batch=512, sampling=sampling),
+                 rl=RLConfig(prompts_per_step=64, group_size=8, micro_batch=512, sampling=sampling("gpu")),
                  opd=OPDConfig(prompts_per_step=32, samples_per_prompt=8))
     return {"smoke": smoke, "cpu": cpu, "gpu": gpu}
 

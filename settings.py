@@ -166,8 +166,9 @@ def apply_flags(preset: Preset, args, K: int) -> Preset:
             preset.warm = replace(preset.warm, worked_steps=parse_worked_steps(args.worked_steps))
         except ValueError as e:
             raise UsageError(str(e)) from None
-    preset.rl.sampling = replace(preset.rl.sampling, max_new_tokens=args.max_new_tokens or max(
-        preset.rl.sampling.max_new_tokens, response_tokens(preset.warm)))
+    # --worked-steps may have changed what π_0 writes, and so the room its responses need
+    preset.rl.sampling = replace(preset.rl.sampling,
+                                 max_new_tokens=args.max_new_tokens or response_tokens(preset.warm))
     if args.micro_batch:
         preset.rl.micro_batch = args.micro_batch
     for flag, target, name in ((args.opd_loss, preset.opd, "opd_loss"), (args.loss_agg, preset.rl, "loss_agg"),

@@ -20,3 +20,11 @@ def test_presets_are_fresh_values_each_call():
     first, second = presets()["cpu"], presets()["cpu"]
     first.rl.micro_batch = 1
     assert second.rl.micro_batch != 1 and first.tiny is not second.tiny
+
+
+def test_a_preset_samples_room_for_the_responses_its_pi0_was_taught():
+    """The cpu π_0 writes image's worked steps (32 tokens); a caller that samples with the preset's
+    SamplingConfig directly must not cut them short."""
+    p = presets()
+    assert p["cpu"].warm.worked_steps == ("image",) and p["cpu"].rl.sampling.max_new_tokens == 32
+    assert p["smoke"].warm.worked_steps == () and p["smoke"].rl.sampling.max_new_tokens == 10
