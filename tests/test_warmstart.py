@@ -75,13 +75,12 @@ def test_each_shipped_pi0_is_partly_right_on_every_domain_and_has_not_memorised(
     from config import presets
     from policy import load_policy
     from tasks import DOMAINS
-    from warmstart import SHIPPED, pi0_accuracy, response_tokens
+    from warmstart import SHIPPED, pi0_accuracy
     model, proc = load_policy(os.path.join(SHIPPED, f"cpu-seed{seed}"))
     p = presets()["cpu"]
     problems, (low, high) = (1000, (0.30, 0.60)) if seed == 0 else (300, (0.15, 0.70))
-    # room for the worked steps the recipe teaches (a run gets the same: settings.py)
-    sampling = SamplingConfig(max_new_tokens=response_tokens(p.warm))
-    acc = pi0_accuracy(model, proc, seed=seed, problems=problems, difficulty=p.difficulty, sampling=sampling)
+    # the preset's sampling: room for the worked steps the recipe teaches, as in a run
+    acc = pi0_accuracy(model, proc, seed=seed, problems=problems, difficulty=p.difficulty, sampling=p.rl.sampling)
     assert list(acc) == list(DOMAINS)
     for domain, a in acc.items():
         assert low <= a["heldout"] <= high, (domain, a)
