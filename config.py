@@ -37,6 +37,7 @@ METHODS = {
     "copd": Method(("base", "copd"), lambda K: (K, 1)),
     "copd@equal": Method(("base", "copd@equal"), lambda K: (K, 1)),
     "copd+equal": Method(("base", "copd", "copd@equal"), lambda K: (K, 1)),   # both budgets (the pull study)
+    "baselines": Method(("base", "experts", "mixed", "opd", "mopd"), lambda K: (1, K + 1)),   # all but CoPD
     "all": Method(("base", "experts", "mixed", "opd", "mopd", "copd", "copd@equal"), lambda K: (K, K + 1)),
 }
 TOPOLOGIES = ("hub", "all-pairs")

@@ -14,16 +14,20 @@ list of settings and one report over them (study.py). Runs go to
 RUNS/<setting>-s<seed> (default runs/reproduction), the reports beside them (or to --docs):
 reproduction-<setting>.md and .png, study-<study>.md and .png. Interrupt it and run the same command again: a
 finished run is kept, an interrupted one resumes from its newest checkpoint, and one killed
-before its first checkpoint starts over. `--lanes N` runs N runs at a time, each with one
+before its first checkpoint starts over. `--lanes N` runs N jobs at a time, each with one
 thread (on 2 cores two one-thread processes beat one two-thread process; more threads than
-cores slow every run tenfold).
+cores slow every run tenfold). A `--method all` run is two jobs, CoPD's stages and the
+baselines, joined into RUNS/<setting>-s<seed> when both are done: the same numbers bit for
+bit, and five seeds' work shared evenly by two lanes instead of three runs in one.
 """
 
 import argparse
+import glob
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -34,7 +38,7 @@ from checkpoint import list_checkpoints
 from config import METHODS, UsageError, parse_args, presets
 from settings import apply_flags
 from claims import claims_table
-from report import compute_table, load_runs, plot_reproduction, summary_table
+from report import budgets, compute_table, describe_lr, load_runs, plot_reproduction, summary_table, write_results
 from tasks import DOMAINS
 from warmstart import pi0_cached, pi0_name
 
@@ -86,10 +90,10 @@ def check_setting(setting: str, preset: str) -> str | None:
     return None
 
 
-def command(setting: str, seed: int, out: str, preset: str, extra: list) -> list:
-    """train.py's command line for one run: fresh, resumed or started over."""
+def command(setting: str, seed: int, out: str, preset: str, extra: list, method: str = "all") -> list:
+    """train.py's command line for one run (or one part of a run): fresh, resumed or started over."""
     experts, flags = parse_setting(setting)
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--experts", experts, "--method", "all",
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--experts", experts, "--method", method,
            "--preset", preset, "--seed", str(seed), "--out", out, *flags, *extra]
     if list_checkpoints(out):
         return cmd + ["--resume"]
@@ -126,12 +130,79 @@ def stored_pi0(out: str) -> str | None:
         return json.load(f).get("_pi0")
 
 
-def run_one(setting: str, seed: int, out: str, preset: str, extra: list) -> tuple:
+def run_one(setting: str, seed: int, out: str, preset: str, extra: list, method: str = "all") -> tuple:
     """One run as a one-thread process, its output in OUT.log; (out, seconds, exit code)."""
     if os.path.isfile(os.path.join(out, "results.json")):
         return out, 0.0, 0
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    return (out, *one_thread(command(setting, seed, out, preset, extra), out + ".log"))
+    return (out, *one_thread(command(setting, seed, out, preset, extra, method), out + ".log"))
+
+
+# A `--method all` run is two jobs, so that one seed's work can fill both lanes: CoPD's two
+# stages, and the baselines. CoPD draws every random number from seeds of its own
+# (copd.branch_seed, the evaluations' seeds), so its stages give the same numbers bit for bit
+# with or without the baselines before them in one process; joined, the parts are the run.
+PARTS = {"copd": "copd+equal", "baselines": "baselines"}      # the longer first: the lanes end together
+assert set(METHODS["copd+equal"].stages + METHODS["baselines"].stages) == set(METHODS["all"].stages)
+
+
+def part_folder(out: str, part: str) -> str:
+    return f"{out}.{part}"
+
+
+def join_parts(out: str):
+    """Write OUT, the `--method all` run, from its finished parts (`part_folder`): results.json
+    merged, metrics.jsonl the baselines' log then CoPD's (π_0's evaluation once; each part's
+    config line), results.md and curves.png drawn from them, CoPD's branches copied in, the parts' logs
+    one after the other in OUT.log; then the parts are removed. OUT's results.json is written
+    last: an interrupted join is done again from the parts."""
+    parts = [part_folder(out, p) for p in ("baselines", "copd")]
+    (results, rows), (copd, copd_rows) = load_runs(parts)
+    config = next(r for r in rows if r.get("kind") == "config")
+    recorded = lambda rows: {k: v for k, v in next(r for r in rows if r.get("kind") == "config")["recorded"].items()
+                             if k != "--method"}
+    if recorded(rows) != recorded(copd_rows) or results["base"] != copd["base"] or results["_pi0"] != copd["_pi0"]:
+        raise ValueError(f"{parts[0]} and {parts[1]} are not parts of one run: their flags, π_0 or π_0's "
+                         "evaluation differ")
+    # write_results adds these again at the end, from the joined log
+    results = {k: v for k, v in results.items() if k not in ("_compute", "_divergence_cost")}
+    for key, value in copd.items():
+        if key in ("_compute", "_divergence_cost"):
+            continue
+        if key not in results:
+            results[key] = value
+        elif key == "_machine":
+            results[key] = results[key] + [m for m in value if m not in results[key]]
+        elif key.startswith("_") and isinstance(value, dict):
+            results[key] = {**results[key], **{k: v for k, v in value.items() if k not in results[key]}}
+    rows = rows + [r for r in copd_rows if r.get("model") != "base"]   # each part's config line stays
+    curves, divergence = {}, {}
+    for r in rows:
+        if r.get("kind") == "eval" and not r["final"]:
+            curves.setdefault(r["model"], []).append((r["step"], {d: a["greedy"] for d, a in r["accuracy"].items()}))
+        elif r.get("kind") == "divergence":
+            measured = {k: v for k, v in r.items() if k not in ("kind", "method", "pair", "step", "time")}
+            divergence.setdefault(r["method"], {}).setdefault(r["pair"], []).append((r["step"], measured))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for branches in glob.glob(os.path.join(parts[1], "*-branches")):
+        shutil.copytree(branches, os.path.join(out, os.path.basename(branches)), dirs_exist_ok=True)
+    s, preset = config["settings"], config["settings"]["preset"]
+    domains = list(s["experts"])
+    write_results(out, results, domains, curves, divergence,
+                  title=f"--experts {','.join(domains)} --method all --preset {s['preset_name']} --seed {s['seed']}",
+                  eval_size=results["_eval_problems"][domains[0]], budget=budgets(len(domains), preset["steps"], s["model"]),
+                  learning_rate=describe_lr(preset["lr"], preset["lr_schedule"], preset["min_lr_frac"]))
+    logs = [p + ".log" for p in parts if os.path.isfile(p + ".log")]
+    with open(out + ".log", "w") as log:
+        for path in logs:
+            with open(path) as f:
+                log.write(f.read())
+    for part in parts:
+        shutil.rmtree(part)
+    for path in logs:
+        os.remove(path)
 
 
 def write_report(folders: list, path: str, title: str):
@@ -247,21 +318,35 @@ def main(argv=None):
         finally:
             built[seed].set()   # a failed build fails its runs, in their own logs
 
-    def run_job(setting: str, seed: int, out: str):
+    def run_job(setting: str, seed: int, out: str, method: str):
         if seed in built:
             built[seed].wait()
-        return run_one(setting, seed, out, a.preset, extra)
+        return run_one(setting, seed, out, a.preset, extra, method)
 
-    # every π_0 is queued before every run; the pool takes jobs in order
+    # the lanes' work: a finished run is kept; any other `--method all` run is run as its parts
+    work = []
+    for setting, seed, out in jobs:
+        if finished(out) or "--method" in parse_setting(setting)[1]:
+            work.append((setting, seed, out, out, "all"))
+        else:
+            work += [(setting, seed, out, part_folder(out, part), method) for part, method in PARTS.items()]
+    # every π_0 is queued before every run; the pool takes the work in order
     with ThreadPoolExecutor(a.lanes) as pool:
         for seed in missing:
             pool.submit(pi0_job, seed)
-        futures = {pool.submit(run_job, *job): job[0] for job in jobs}
+        futures = {pool.submit(run_job, setting, seed, job_out, method): (setting, out)
+                   for setting, seed, out, job_out, method in work}
         for done, future in enumerate(as_completed(futures), 1):
-            out, took, code = future.result()
-            state = "kept" if took == 0 else f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {out}.log"
-            print(f"{stamp()} {done}/{len(jobs)} {out}: {state}", flush=True)
-            setting = futures[future]
+            job_out, took, code = future.result()
+            state = "kept" if took == 0 else f"{took / 60:.1f} min" if code == 0 else f"failed (exit {code}), see {job_out}.log"
+            print(f"{stamp()} {done}/{len(work)} {job_out}: {state}", flush=True)
+            setting, out = futures[future]
+            if job_out != out and not finished(out) and all(finished(part_folder(out, p)) for p in PARTS):
+                try:
+                    join_parts(out)
+                    print(f"{stamp()} joined {out}", flush=True)
+                except (ValueError, FileNotFoundError, OSError) as e:
+                    print(f"error: {out}: {e}", file=sys.stderr, flush=True)
             if code == 0 and all(finished(o) for e, _, o in jobs if e == setting):
                 report(setting)
     failed = [out for _, _, out in jobs if not finished(out)]

@@ -18,6 +18,21 @@ def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, c
     report = (docs / "reproduction-text+image.md").read_text()
     assert "| claim |" in report and "CoPD > mixed RLVR" in report and "| optimizer updates |" in report
     assert "| copd@equal |" in report and (docs / "reproduction-text+image.png").stat().st_size > 1000
+    # each run ran as two parts in two lanes, then joined: the `--method all` run, bit for bit but the clocks
+    whole = tmp_path / "whole"
+    _, code = reproduce.one_thread(reproduce.command("text,image", 0, str(whole), "smoke", ["--steps", "2"]),
+                                   str(tmp_path / "whole.log"))
+    joined = runs / "text+image-s0"
+    assert code == 0 and not list(runs.glob("*.copd*")) and not list(runs.glob("*.baselines*"))
+    clockless = lambda results: {k: v for k, v in results.items() if k != "_wall_s"}
+    assert clockless(json.loads((joined / "results.json").read_text())) == \
+        clockless(json.loads((whole / "results.json").read_text()))
+    logged = lambda run: [{k: v for k, v in json.loads(line).items() if k != "time"}
+                          for line in (run / "metrics.jsonl").read_text().splitlines() if '"config"' not in line]
+    assert logged(joined) == logged(whole)
+    assert sorted(p.name for p in joined.glob("*-branches")) == ["copd-branches", "copd@equal-branches"]
+    log = (runs / "text+image-s0.log").read_text()
+    assert "--method copd+equal" in log and "--method baselines" in log
     finished = {p: os.path.getmtime(runs / p / "results.json") for p in ("text+image-s0", "text+image-s1")}
     capsys.readouterr()
     assert reproduce.main(argv) == 0                      # again: nothing reruns
