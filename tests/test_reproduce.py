@@ -2,6 +2,8 @@ import json
 import os
 import sys
 
+import pytest
+
 import reproduce
 
 
@@ -126,3 +128,16 @@ def test_the_conflict_study_runs_and_reports_its_dose_response(tmp_path, monkeyp
     assert "| mixed − expert on video falls with p |" in study and "| CoPD − mixed RLVR rises with p |" in study
     assert "| CoPD: ensemble − merged |" in study and (runs / "study-conflict.png").stat().st_size > 1000
     assert (runs / "reproduction-video+rename_rename-trade=0.5.md").exists()
+
+
+def test_parts_of_two_runs_are_never_joined(tmp_path):
+    """Parts whose π_0 evaluations differ (another seed, another π_0) are refused, named, kept."""
+    out = str(tmp_path / "text+image-s0")
+    for part, accuracy in (("baselines", 0.5), ("copd", 0.25)):
+        folder = tmp_path / f"text+image-s0.{part}"
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"base": {"text": accuracy, "image": 0.5}, "_pi0": "pi0-x"}))
+        (folder / "metrics.jsonl").write_text(json.dumps({"kind": "config", "recorded": {"--seed": 0}}) + "\n")
+    with pytest.raises(ValueError, match="are not parts of one run"):
+        reproduce.join_parts(out)
+    assert not os.path.exists(out) and os.path.isdir(out + ".copd")
