@@ -16,9 +16,9 @@ reproduction-<setting>.md and .png, study-<study>.md and .png. Interrupt it and 
 finished run is kept, an interrupted one resumes from its newest checkpoint, and one killed
 before its first checkpoint starts over. `--lanes N` runs N jobs at a time, each with one
 thread (on 2 cores two one-thread processes beat one two-thread process; more threads than
-cores slow every run tenfold). A `--method all` run is two jobs, CoPD's stages and the
-baselines, joined into RUNS/<setting>-s<seed> when both are done: the same numbers bit for
-bit, and five seeds' work shared evenly by two lanes instead of three runs in one.
+cores slow every run tenfold). With two lanes or more, a `--method all` run is two jobs, CoPD's
+stages and the baselines, joined into RUNS/<setting>-s<seed> when both are done: the same
+numbers bit for bit, and five seeds' work shared evenly by two lanes instead of three runs in one.
 """
 
 import argparse
@@ -323,10 +323,11 @@ def main(argv=None):
             built[seed].wait()
         return run_one(setting, seed, out, a.preset, extra, method)
 
-    # the lanes' work: a finished run is kept; any other `--method all` run is run as its parts
+    # the lanes' work: a finished run is kept; with two lanes or more, any other `--method all`
+    # run is run as its parts
     work = []
     for setting, seed, out in jobs:
-        if finished(out) or "--method" in parse_setting(setting)[1]:
+        if finished(out) or "--method" in parse_setting(setting)[1] or a.lanes == 1:
             work.append((setting, seed, out, out, "all"))
         else:
             work += [(setting, seed, out, part_folder(out, part), method) for part, method in PARTS.items()]
