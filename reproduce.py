@@ -150,6 +150,14 @@ def part_folder(out: str, part: str) -> str:
     return f"{out}.{part}"
 
 
+def jobs_of(setting: str, out: str, lanes: int) -> list:
+    """The lanes' jobs for one run, as (folder, --method): a finished run kept, a run of the
+    setting's own --method, or any run with one lane, whole; else its parts."""
+    if os.path.isfile(os.path.join(out, "results.json")) or "--method" in parse_setting(setting)[1] or lanes == 1:
+        return [(out, "all")]
+    return [(part_folder(out, part), method) for part, method in PARTS.items()]
+
+
 def join_parts(out: str):
     """Write OUT, the `--method all` run, from its finished parts (`part_folder`): results.json
     merged, metrics.jsonl the baselines' log then CoPD's (π_0's evaluation once; each part's
@@ -323,14 +331,8 @@ def main(argv=None):
             built[seed].wait()
         return run_one(setting, seed, out, a.preset, extra, method)
 
-    # the lanes' work: a finished run is kept; with two lanes or more, any other `--method all`
-    # run is run as its parts
-    work = []
-    for setting, seed, out in jobs:
-        if finished(out) or "--method" in parse_setting(setting)[1] or a.lanes == 1:
-            work.append((setting, seed, out, out, "all"))
-        else:
-            work += [(setting, seed, out, part_folder(out, part), method) for part, method in PARTS.items()]
+    work = [(setting, seed, out, job_out, method) for setting, seed, out in jobs
+            for job_out, method in jobs_of(setting, out, a.lanes)]
     # every π_0 is queued before every run; the pool takes the work in order
     with ThreadPoolExecutor(a.lanes) as pool:
         for seed in missing:

@@ -119,7 +119,7 @@ def test_the_conflict_study_runs_and_reports_its_dose_response(tmp_path, monkeyp
     with the dose-response table, the predictions' slopes and the probes' plot, beside the runs."""
     monkeypatch.setenv("COPD_CACHE", str(tmp_path / "cache"))
     runs = tmp_path / "runs"
-    assert reproduce.main(["--study", "conflict", "--seeds", "0", "--preset", "smoke", "--steps", "1", "--lanes", "1",
+    assert reproduce.main(["--study", "conflict", "--seeds", "0", "--preset", "smoke", "--steps", "1",
                            "--runs", str(runs)]) == 0
     assert sorted(p.name for p in runs.glob("video+rename_rename-trade=*-s0")) == [
         "video+rename_rename-trade=0-s0", "video+rename_rename-trade=0.5-s0", "video+rename_rename-trade=1-s0"]
@@ -128,8 +128,16 @@ def test_the_conflict_study_runs_and_reports_its_dose_response(tmp_path, monkeyp
     assert "| mixed − expert on video falls with p |" in study and "| CoPD − mixed RLVR rises with p |" in study
     assert "| CoPD: ensemble − merged |" in study and (runs / "study-conflict.png").stat().st_size > 1000
     assert (runs / "reproduction-video+rename_rename-trade=0.5.md").exists()
-    # one lane: each run whole, as parts would gain nothing
-    assert "(--method all," in (runs / "video+rename_rename-trade=0-s0.log").read_text()
+
+
+def test_a_run_is_two_jobs_only_where_both_can_run_at_once(tmp_path):
+    out = str(tmp_path / "text+image-s0")
+    assert reproduce.jobs_of("text,image", out, 2) == [(out + ".copd", "copd+equal"), (out + ".baselines", "baselines")]
+    assert reproduce.jobs_of("text,image", out, 1) == [(out, "all")]                    # one lane: parts gain nothing
+    assert reproduce.jobs_of("video,rename --method copd+equal", out, 2) == [(out, "all")]   # the setting's own method
+    os.makedirs(out)
+    open(os.path.join(out, "results.json"), "w").close()
+    assert reproduce.jobs_of("text,image", out, 2) == [(out, "all")]                    # finished: kept whole
 
 
 def test_parts_of_two_runs_are_never_joined(tmp_path):

@@ -454,7 +454,8 @@ def test_every_method_runs_on_its_own(tmp_path, method):
     experts = "text" if METHODS[method].min_experts == 1 else "text,image"
     assert train.main(["--experts", experts, "--method", method, "--preset", "smoke", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    rows = {"copd+equal": ("copd", "copd@equal")}.get(method, (method,))   # both CoPD budgets: a row each
+    # both CoPD budgets, or every baseline: a row each
+    rows = {"copd+equal": ("copd", "copd@equal"), "baselines": ("experts", "mixed", "opd", "mopd")}.get(method, (method,))
     for row in rows:
         assert set(results[row]) == set(experts.split(",")) | {"average"}
 
