@@ -161,15 +161,14 @@ def jobs_of(setting: str, out: str, lanes: int) -> list:
 def join_parts(out: str):
     """Write OUT, the `--method all` run, from its finished parts (`part_folder`): results.json
     merged, metrics.jsonl the baselines' log then CoPD's (π_0's evaluation once; each part's
-    config line), results.md and curves.png drawn from them, CoPD's branches copied in, the parts' logs
-    one after the other in OUT.log; then the parts are removed. OUT's results.json is written
-    last: an interrupted join is done again from the parts."""
+    config line), results.md and curves.png drawn from them, CoPD's branches copied in, the
+    parts' logs one after the other in OUT.log; then the parts are removed. OUT's results.json
+    is written last: an interrupted join is done again from the parts."""
     parts = [part_folder(out, p) for p in ("baselines", "copd")]
     (results, rows), (copd, copd_rows) = load_runs(parts)
-    config = next(r for r in rows if r.get("kind") == "config")
-    recorded = lambda rows: {k: v for k, v in next(r for r in rows if r.get("kind") == "config")["recorded"].items()
-                             if k != "--method"}
-    if recorded(rows) != recorded(copd_rows) or results["base"] != copd["base"] or results["_pi0"] != copd["_pi0"]:
+    config, copd_config = (next(r for r in log if r.get("kind") == "config") for log in (rows, copd_rows))
+    flags = lambda config: {k: v for k, v in config["recorded"].items() if k != "--method"}
+    if flags(config) != flags(copd_config) or results["base"] != copd["base"] or results["_pi0"] != copd["_pi0"]:
         raise ValueError(f"{parts[0]} and {parts[1]} are not parts of one run: their flags, π_0 or π_0's "
                          "evaluation differ")
     # write_results adds these again at the end, from the joined log
