@@ -15,6 +15,7 @@ then one per piece of the CoPD step (`"kind": "copd_step"`). Speed is measured h
 import argparse
 import copy
 import json
+import re
 import time
 from dataclasses import replace
 
@@ -216,6 +217,13 @@ def _sh(cmd: list, timeout: float, env: dict | None = None):
     return code, round(time.perf_counter() - t, 1), "\n".join(out.strip().splitlines()[-15:])
 
 
+def pytest_summary(output: str) -> str:
+    """pytest's last line ("3 passed in 2.1s"), not a plugin's warning printed after it."""
+    lines = output.splitlines()
+    counts = [line for line in lines if re.search(r"\b(passed|failed|errors?|no tests ran)\b", line)]
+    return counts[-1] if counts else (lines[-1] if lines else "")
+
+
 def check_copd_run(out: str, preset: str, budget_s: float) -> dict:
     """`train.py --method copd` at `preset`: its wall time, or, cut at `budget_s`, the updates it
     reached and the time all K·T updates would take at that pace (extrapolated, final evaluation
@@ -257,7 +265,7 @@ def gpu_check(device: str, quick: bool, out: str) -> dict:
 
     code, seconds, tail = _sh(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_rollout.py"], 300)
     result["tests"] = {"command": "python -m pytest -q tests/test_rollout.py", "exit": code, "seconds": seconds,
-                       "summary": tail.splitlines()[-1] if tail else ""}
+                       "summary": pytest_summary(tail)}
 
     bandwidth = measure_bandwidth(device)
     cases = ([("tiny", 8, 16, 16)] if quick else

@@ -9,6 +9,11 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Under `pytest -n 2` (pytest-xdist) each worker, and every process its tests start, computes on one
+# thread: two workers' spinning threads would compete for the two cores, and a test that compares a
+# subprocess's run with its own must run both on as many threads (another count, another float order).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))   # 1 beside another busy job: spinning threads compete
 
 from policy import TinyConfig, build_tiny_policy, build_tokenizer, make_processor  # noqa: E402

@@ -47,3 +47,11 @@ def test_a_copd_run_cut_at_its_budget_is_extrapolated_and_says_so(tmp_path, monk
 def test_bad_bench_flags_are_one_line(flags, message):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *flags], capture_output=True, text=True)
     assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_check_reports_pytests_summary_not_a_warning_printed_after_it():
+    output = "....\n3 passed in 2.10s\n  warner(PytestBenchmarkWarning(text))"
+    assert bench.pytest_summary(output) == "3 passed in 2.10s"
+    assert bench.pytest_summary("F.\n1 failed, 1 passed in 0.5s") == "1 failed, 1 passed in 0.5s"
+    assert bench.pytest_summary("Traceback: boom") == "Traceback: boom"      # no summary: the last line
+    assert bench.pytest_summary("") == ""
