@@ -124,6 +124,11 @@ def build_pi0(seed: int, preset: str, log_path: str) -> tuple:
                       log_path)
 
 
+def finished(out: str) -> bool:
+    """A run's results.json is written last: its folder holds a finished run."""
+    return os.path.isfile(os.path.join(out, "results.json"))
+
+
 def stored_pi0(out: str) -> str | None:
     """The π_0 a finished run started from (results.json `_pi0`; None for runs older than that record)."""
     with open(os.path.join(out, "results.json")) as f:
@@ -132,7 +137,7 @@ def stored_pi0(out: str) -> str | None:
 
 def run_one(setting: str, seed: int, out: str, preset: str, extra: list, method: str = "all") -> tuple:
     """One run as a one-thread process, its output in OUT.log; (out, seconds, exit code)."""
-    if os.path.isfile(os.path.join(out, "results.json")):
+    if finished(out):
         return out, 0.0, 0
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return (out, *one_thread(command(setting, seed, out, preset, extra, method), out + ".log"))
@@ -153,7 +158,7 @@ def part_folder(out: str, part: str) -> str:
 def jobs_of(setting: str, out: str, lanes: int) -> list:
     """The lanes' jobs for one run, as (folder, --method): a finished run kept, a run of the
     setting's own --method, or any run with one lane, whole; else its parts."""
-    if os.path.isfile(os.path.join(out, "results.json")) or "--method" in parse_setting(setting)[1] or lanes == 1:
+    if finished(out) or "--method" in parse_setting(setting)[1] or lanes == 1:
         return [(out, "all")]
     return [(part_folder(out, part), method) for part, method in PARTS.items()]
 
@@ -290,7 +295,6 @@ def main(argv=None):
     # as it goes; a reproduction setting by setting, so each setting's report comes early
     order = [(s, seed) for seed in seeds for s in settings] if a.study else [(s, seed) for s in settings for seed in seeds]
     jobs = [(setting, seed, os.path.join(a.runs, f"{folder_name(setting)}-s{seed}")) for setting, seed in order]
-    finished = lambda out: os.path.isfile(os.path.join(out, "results.json"))
 
     def report(setting: str):
         """A setting's report, as soon as its last run finishes (the others may still be running)."""
