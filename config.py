@@ -79,7 +79,9 @@ def presets():
                    eval_samples=1, divergence_every=2, divergence_prompts=4, **tiny_and_warm("smoke"),
                    rl=RLConfig(prompts_per_step=4, group_size=4, sampling=sampling("smoke")),
                    opd=OPDConfig(prompts_per_step=4, samples_per_prompt=2, metric_rows=8))
-    cpu = Preset(steps=300, max_total_steps=600, cycles=4, lr=2e-4,
+    # T = 180 (120 with three experts): the text + image reproduction in 53 minutes on 2 cores of a
+    # Zen 3 EPYC, where T = 300 took 85 (docs/performance.md)
+    cpu = Preset(steps=180, max_total_steps=360, cycles=4, lr=2e-4,
                  eval_every=50, eval_size=1000, curve_eval_size=200, **tiny_and_warm("cpu"),
                  rl=RLConfig(prompts_per_step=16, group_size=8, sampling=sampling("cpu")),
                  opd=OPDConfig(prompts_per_step=8, samples_per_prompt=8))

@@ -130,12 +130,17 @@ def validate(args) -> Settings:
     return settings
 
 
+def steps_of(preset: Preset, K: int, steps: int | None = None) -> int:
+    """T, the GRPO steps of one expert, for K experts: `--steps` if given, else the preset's,
+    capped so that K·T stays within its `max_total_steps`."""
+    if steps is not None:
+        return steps
+    return min(preset.steps, preset.max_total_steps // K) if preset.max_total_steps else preset.steps
+
+
 def apply_flags(preset: Preset, args, K: int) -> Preset:
     """The preset with the command line's overrides."""
-    if args.steps is not None:
-        preset.steps = args.steps
-    elif preset.max_total_steps:
-        preset.steps = min(preset.steps, preset.max_total_steps // K)
+    preset.steps = steps_of(preset, K, args.steps)
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if args.opd_beta is not None and not (math.isfinite(args.opd_beta) and args.opd_beta >= 0):

@@ -7,9 +7,9 @@ from settings import validate
 
 def test_cpu_preset_keeps_k_times_t_within_its_cap(tmp_path):
     steps = lambda *flags: validate(parse_args(["--out", str(tmp_path / "x"), *flags])).preset.steps
-    assert steps("--experts", "text", "--method", "rlvr") == 300
-    assert steps("--experts", "text,image") == 300
-    assert steps("--experts", "text,image,video") == 200
+    assert steps("--experts", "text", "--method", "rlvr") == 180
+    assert steps("--experts", "text,image") == 180
+    assert steps("--experts", "text,image,video") == 120
     assert steps("--experts", "text,image,video", "--steps", "250") == 250   # an explicit T wins
     assert steps("--experts", "text,image,video", "--preset", "gpu") == 200
 
