@@ -23,6 +23,7 @@ numbers bit for bit, and five seeds' work shared evenly by two lanes instead of 
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import re
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from checkpoint import list_checkpoints
 from config import METHODS, UsageError, parse_args, presets
-from settings import apply_flags
+from settings import apply_flags, steps_of
 from claims import claims_table
 from report import budgets, compute_table, describe_lr, load_runs, plot_reproduction, summary_table, write_results
 from tasks import DOMAINS
@@ -133,6 +134,23 @@ def stored_pi0(out: str) -> str | None:
     """The π_0 a finished run started from (results.json `_pi0`; None for runs older than that record)."""
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f).get("_pi0")
+
+
+def stored_steps(out: str) -> int | None:
+    """T of a finished run: the preset's steps as the run resolved them, from its log's config
+    row (metrics.jsonl, or metrics.jsonl.gz as the runs kept in docs/runs)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        path += ".gz"
+    try:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            for line in f:
+                row = json.loads(line)
+                if row.get("kind") == "config":
+                    return row["settings"]["preset"]["steps"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 def run_one(setting: str, seed: int, out: str, preset: str, extra: list, method: str = "all") -> tuple:
@@ -312,6 +330,16 @@ def main(argv=None):
     if stale:
         print(f"error: {len(stale)} finished run(s) in {a.runs} started from another π_0 than the {a.preset} preset's "
               f"now (an older recipe): {', '.join(stale)}; move them away, or pass another --runs", file=sys.stderr)
+        return 2
+    # T moved with the preset (300 before the cpu preset's 180): a finished run of another T is
+    # another experiment, never this one's
+    budget = {s: steps_of(preset, len(parse_setting(s)[0].split(",")), a.steps) for s in settings}
+    other_t = [f"{out} (T = {stored_steps(out)})" for setting, _, out in jobs
+               if finished(out) and stored_steps(out) != budget[setting]]
+    if other_t:
+        print(f"error: {len(other_t)} finished run(s) in {a.runs} trained another T than this reproduction's "
+              f"({', '.join(f'{s}: T = {t}' for s, t in budget.items())}): {', '.join(other_t)}; move them away, "
+              f"pass another --runs, or ask for their T with --steps", file=sys.stderr)
         return 2
     missing = [seed for seed in seeds if not pi0_cached(preset.tiny, preset.warm, seed)[1]
                and any(not finished(out) for _, s, out in jobs if s == seed)]

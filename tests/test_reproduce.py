@@ -1,3 +1,4 @@
+import gzip
 import json
 import os
 import sys
@@ -44,13 +45,26 @@ def test_one_command_runs_every_seed_reports_and_keeps_finished_runs(tmp_path, c
     results = runs / "text+image-s1" / "results.json"
     older = json.loads(results.read_text())
     assert older["_pi0"].startswith("pi0-")
-    older["_pi0"] = "pi0-000000000000"
+    own_pi0, older["_pi0"] = older["_pi0"], "pi0-000000000000"
     results.write_text(json.dumps(older))
     capsys.readouterr()
     assert reproduce.main(argv) == 2
     err = capsys.readouterr().err
     assert "started from another π_0" in err and "text+image-s1" in err and "text+image-s0" not in err
     assert json.loads(results.read_text())["_pi0"] == "pi0-000000000000"
+    # nor a finished run of another T (the preset's T moved): refused, with the T of each
+    older["_pi0"] = own_pi0
+    results.write_text(json.dumps(older))
+    steps = argv.index("--steps") + 1
+    assert reproduce.main(argv[:steps] + ["3"] + argv[steps + 1:]) == 2
+    err = capsys.readouterr().err
+    assert "trained another T" in err and "text+image-s0 (T = 2)" in err and "text+image-s1 (T = 2)" in err
+    # T is read from the log's config row, gzipped or not (the runs kept in docs/runs are)
+    metrics = runs / "text+image-s0" / "metrics.jsonl"
+    with gzip.open(str(metrics) + ".gz", "wt") as f:
+        f.write(metrics.read_text())
+    metrics.unlink()
+    assert reproduce.stored_steps(str(runs / "text+image-s0")) == 2
 
 
 def test_an_interrupted_run_resumes_and_a_run_killed_before_its_checkpoint_starts_over(tmp_path):
