@@ -334,8 +334,8 @@ def main(argv=None):
     # T moved with the preset (300 before the cpu preset's 180): a finished run of another T is
     # another experiment, never this one's
     budget = {s: steps_of(preset, len(parse_setting(s)[0].split(",")), a.steps) for s in settings}
-    other_t = [f"{out} (T = {stored_steps(out)})" for setting, _, out in jobs
-               if finished(out) and stored_steps(out) != budget[setting]]
+    stored = {out: stored_steps(out) for _, _, out in jobs if finished(out)}
+    other_t = [f"{out} (T = {stored[out]})" for setting, _, out in jobs if out in stored and stored[out] != budget[setting]]
     if other_t:
         print(f"error: {len(other_t)} finished run(s) in {a.runs} trained another T than this reproduction's "
               f"({', '.join(f'{s}: T = {t}' for s, t in budget.items())}): {', '.join(other_t)}; move them away, "
